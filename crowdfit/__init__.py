@@ -1,0 +1,11 @@
+"""crowdfit: joint, batched, differentiable fitting of overlapping spots and stars in JAX."""
+
+import importlib.metadata
+
+from ._background import BACKGROUNDS as BACKGROUNDS
+from ._fit import fit_regions as fit_regions
+from ._noise import NoiseModel as NoiseModel, get_noise as get_noise
+from ._psf import PSF as PSF, PSF_NAMES as PSF_NAMES, amplitude as amplitude, get_psf as get_psf
+from ._solution import FitResult as FitResult, Status as Status
+
+__version__ = importlib.metadata.version("crowdfit")

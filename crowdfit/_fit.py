@@ -1,0 +1,334 @@
+"""`fit_regions`: fit many small windows of overlapping sources at once, jointly within each window.
+
+The host checks the inputs and pads the batch to a bucketed size; one compiled program per
+(problem, bucket) fits the whole batch on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._background import n_background_params
+from ._implicit import implicit_optimum
+from ._linalg import masked_inverse
+from ._noise import get_noise
+from ._problem import RegionProblem
+from ._progress import progress
+from ._psf import get_psf
+from ._solution import FitResult, Status
+from ._solver import levenberg_marquardt, optax_minimise
+
+__all__ = ["fit_regions"]
+
+# Batches are padded to a power of two no smaller than this, and fitted in pieces no larger
+# than `max_batch`, so any number of regions compiles at most a handful of programs.
+_MIN_BUCKET = 8
+_TRACE_COUNT = [0]  # incremented each time a fit program is traced (tests use it)
+
+
+def _is_concrete(a) -> bool:
+    return not isinstance(a, jax.core.Tracer)
+
+
+def _default_chunk() -> int:
+    # On CPU a vmapped while_loop runs every region as long as the slowest one: small chunks
+    # (mapped one after another) waste less; a GPU wants the whole batch at once.
+    return 64 if jax.default_backend() == "cpu" else 1 << 30
+
+
+def _bucket(n: int, max_batch: int) -> int:
+    b = _MIN_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, max_batch)
+
+
+@functools.lru_cache(maxsize=256)
+def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
+    """The compiled batch fit for one problem; cached so equal settings share one program."""
+
+    def one(image, mask, weight, valid, p):
+        dtype = image.dtype
+        data = dict(
+            image=image,
+            mask=mask,
+            weight=weight,
+            valid=valid,
+            fixed={n: p[n] for n in (*problem.names, "background") if n in problem.fixed},
+        )
+        u0 = problem.pack(p).astype(dtype)
+        if solver == "lm":
+            run = functools.partial(levenberg_marquardt, problem, max_iter=max_iter, tol=tol)
+        else:
+            run = functools.partial(
+                optax_minimise, problem, solver=solver, max_iter=max_iter, tol=tol
+            )
+        if adjoint == "implicit":
+            u, status, iterations = run(
+                jax.lax.stop_gradient(u0), jax.lax.stop_gradient(data), unroll=False
+            )
+            u = implicit_optimum(problem)(u, data, status == Status.CONVERGED)
+        else:
+            u, status, iterations = run(u0, data, unroll=True)
+
+        active = problem.active(data, dtype)
+        loss, _, fisher = problem.normal_equations(u, data)
+        dof = jnp.maximum(jnp.sum(mask) - jnp.sum(active), 1.0)
+        chi2_reduced = problem.pearson(u, data) / dof
+        d = problem.natural_derivative(u)
+        cov = masked_inverse(fisher, active) * (d[:, None] * d[None, :])
+        if not known_scale:
+            cov = cov * chi2_reduced
+        singular = ~jnp.all(jnp.isfinite(cov))
+        status = jnp.where(
+            singular & (status == Status.CONVERGED), Status.SINGULAR, status
+        ).astype(jnp.int32)
+        var = jnp.where(singular, jnp.nan, jnp.diagonal(cov))
+        sd = jnp.sqrt(jnp.maximum(var, 0.0))
+
+        params = problem.unpack(u, data["fixed"])
+        errors = _errors(problem, sd, valid)
+        return dict(
+            params=params,
+            errors=errors,
+            covariance=cov,
+            status=status,
+            iterations=iterations,
+            loss=2 * loss,
+            chi2_reduced=chi2_reduced,
+        )
+
+    def batch(images, mask, weight, valid, params):
+        _TRACE_COUNT[0] += 1
+        xs = (images, mask, weight, valid, params)
+        return jax.lax.map(lambda a: one(*a), xs, batch_size=min(chunk, images.shape[0]))
+
+    return jax.jit(batch)
+
+
+def _errors(problem, sd, valid):
+    nf = len(problem.free_names)
+    k = problem.n_sources
+    src = sd[: k * nf].reshape(k, nf)
+    out = {}
+    for n in problem.names:
+        if n in problem.fixed:
+            out[n] = jnp.zeros((k,), sd.dtype)
+        else:
+            out[n] = jnp.where(valid, src[:, problem.free_names.index(n)], 0.0)
+    nb = problem.n_background
+    out["background"] = sd[k * nf :] if problem.background_free else jnp.zeros((nb,), sd.dtype)
+    return out
+
+
+def _as_float(a, dtype, name):
+    a = jnp.asarray(a)
+    if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
+        raise ValueError(f"{name} must hold numbers, got dtype {a.dtype}")
+    return a.astype(dtype)
+
+
+def fit_regions(
+    images,
+    init: dict,
+    *,
+    psf="gaussian",
+    background: str = "constant",
+    noise="gaussian",
+    mask=None,
+    valid=None,
+    fixed: Sequence[str] = (),
+    weights=None,
+    offset=0.0,
+    solver="lm",
+    max_iter: int = 50,
+    tol: float = 1e-5,
+    adjoint: str = "implicit",
+    chunk_size: int | None = None,
+    max_batch: int = 4096,
+    progress_bar: bool | None = None,
+) -> FitResult:
+    """Fit `B` windows, each a sum of up to `K` sources plus one shared background, jointly.
+
+    **Arguments:**
+
+    - `images`: `(B, H, W)` pixel values (counts).
+    - `init`: starting values: a `(B, K)` array (or anything that broadcasts to it) for each
+      source parameter of the PSF (`x`, `y`, `flux`, `sigma`, ... in window pixel coordinates,
+      `x` the column, `y` the row, pixel centres at integers), and `"background"`: `(B,)` for
+      `"constant"`, `(B, 3)` (offset at pixel `(0, 0)`, slope in x, slope in y) for `"plane"`.
+    - `psf`: `"gaussian"`, `"elliptical_gaussian"`, `"rotated_gaussian"`,
+      `"integrated_gaussian"`, `"integrated_elliptical_gaussian"`, a `PSF`, or a JAX function
+      `(params, x, y) -> image` (its parameter names are the keys of `init`).
+    - `background`: `"constant"` or `"plane"`.
+    - `noise`: `"gaussian"` (least squares), `"poisson"` (maximum likelihood on counts), or a
+      function `loss(model, data, weight) -> per-pixel loss` (a `NoiseModel` for full control).
+    - `mask`: `(B, H, W)` True where a pixel counts. Masked pixels may hold anything.
+    - `valid`: `(B, K)` True for real sources; False slots are padding and change nothing.
+    - `fixed`: names held at their `init` values (e.g. `("sigma",)` or `("background",)`).
+    - `weights`: `(B, H, W)` per-pixel weights (inverse variances for Gaussian noise). When given,
+      the Gaussian noise level is known and errors are not rescaled by the reduced χ².
+    - `offset`: camera offset subtracted from `images` before fitting (e.g. for Poisson counts).
+    - `solver`: `"lm"` (Levenberg–Marquardt) or any optax optimizer (`optax.lbfgs()`, ...).
+    - `max_iter`, `tol`: iteration limit, and convergence tolerance as a fraction of one pixel's
+      expected contribution to the loss (see `levenberg_marquardt`).
+    - `adjoint`: `"implicit"` (exact gradients by the implicit function theorem, default) or
+      `"unroll"` (differentiate through a fixed `max_iter` steps; slower, for comparison).
+    - `chunk_size`: regions vmapped together (default 64 on CPU, everything on GPU).
+    - `max_batch`: largest batch compiled at once; bigger inputs are fitted piece by piece.
+    - `progress_bar`: show progress over pieces (default: when there are several, on a terminal).
+
+    **Returns:** a `FitResult` with `params`, `errors`, `covariance`, `status`, `iterations`,
+    `loss` and `chi2_reduced`. A failed region gets a non-zero `status` and never raises.
+
+    >>> import jax.numpy as jnp, crowdfit
+    >>> y, x = jnp.mgrid[:9, :9]
+    >>> img = 5.0 + 100 * jnp.exp(-((x - 4.3) ** 2 + (y - 3.8) ** 2) / 2)
+    >>> init = {"x": [[4.0]], "y": [[4.0]], "flux": [[500.0]], "sigma": [[1.5]],
+    ...         "background": [0.0]}
+    >>> res = crowdfit.fit_regions(img[None], init)
+    >>> round(float(res.params["x"][0, 0]), 2), int(res.status[0])
+    (4.3, 0)
+    """
+    psf = get_psf(psf)
+    noise_model = get_noise(noise)
+    nb = n_background_params(background)
+    if adjoint not in ("implicit", "unroll"):
+        raise ValueError(f"adjoint must be 'implicit' or 'unroll', got {adjoint!r}")
+    if isinstance(solver, str) and solver != "lm":
+        raise ValueError(f"solver must be 'lm' or an optax optimizer, got {solver!r}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+
+    images = jnp.asarray(images)
+    if images.ndim != 3:
+        raise ValueError(f"images must have shape (B, H, W), got shape {images.shape}")
+    dtype = (
+        images.dtype
+        if jnp.issubdtype(images.dtype, jnp.floating)
+        else jnp.asarray(0.0).dtype
+    )
+    images = _as_float(images, dtype, "images")
+    b, h, w = images.shape
+    if b == 0:
+        raise ValueError("images is empty: B = 0 regions")
+
+    if not isinstance(init, dict):
+        raise ValueError("init must be a dict of starting values keyed by parameter name")
+    names = psf.params if psf.params is not None else tuple(n for n in init if n != "background")
+    missing = [n for n in (*names, "background") if n not in init]
+    if missing:
+        raise ValueError(f"init is missing {missing} (psf {psf.name!r} needs {list(names)} and "
+                         "'background')")
+    extra = [n for n in init if n not in (*names, "background")]
+    if extra:
+        raise ValueError(f"init has unknown parameters {extra} for psf {psf.name!r}")
+    unknown_fixed = [n for n in fixed if n not in (*names, "background")]
+    if unknown_fixed:
+        raise ValueError(f"fixed names unknown parameters {unknown_fixed}")
+    if "x" in init:
+        k = np.shape(init["x"])[-1] if np.ndim(init["x"]) == 2 else 1
+    else:
+        k = max(np.shape(init[n])[-1] if np.ndim(init[n]) == 2 else 1 for n in names)
+    params = {}
+    for n in names:
+        a = _as_float(init[n], dtype, f"init[{n!r}]")
+        try:
+            params[n] = jnp.broadcast_to(a, (b, k))
+        except ValueError:
+            raise ValueError(
+                f"init[{n!r}] has shape {a.shape}, which does not broadcast to (B, K) = {(b, k)}"
+            ) from None
+    bg = _as_float(init["background"], dtype, "init['background']")
+    if nb == 1 and bg.ndim == 1:
+        bg = bg[:, None]
+    try:
+        bg = jnp.broadcast_to(bg, (b, nb))
+    except ValueError:
+        want = "(B,)" if nb == 1 else "(B, 3)"
+        raise ValueError(
+            f"init['background'] has shape {bg.shape}; background {background!r} needs {want}"
+        ) from None
+    params["background"] = bg
+
+    if valid is None:
+        valid = jnp.ones((b, k), bool)
+    else:
+        valid = jnp.asarray(valid)
+        if valid.shape != (b, k):
+            raise ValueError(f"valid must have shape (B, K) = {(b, k)}, got {valid.shape}")
+        valid = valid.astype(bool)
+
+    if mask is None:
+        if _is_concrete(images):
+            bad = int(np.size(images) - np.count_nonzero(np.isfinite(np.asarray(images))))
+            if bad:
+                raise ValueError(
+                    f"images hold {bad} non-finite pixel(s) (NaN or inf); pass a mask that "
+                    "excludes them (fit_image masks them for you)"
+                )
+        mask = jnp.ones(images.shape, bool)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.shape != images.shape:
+            raise ValueError(f"mask must have the images' shape {images.shape}, got {mask.shape}")
+        mask = mask.astype(bool)
+        if _is_concrete(images) and _is_concrete(mask):
+            bad = int(np.count_nonzero(np.asarray(mask) & ~np.isfinite(np.asarray(images))))
+            if bad:
+                raise ValueError(f"{bad} non-finite pixel(s) are not masked out")
+    images = jnp.where(mask, images - jnp.asarray(offset, dtype), 0.0)
+
+    known_scale = noise_model.known_scale or weights is not None
+    if weights is None:
+        weights = jnp.ones(images.shape, dtype)
+    else:
+        weights = _as_float(weights, dtype, "weights")
+        try:
+            weights = jnp.broadcast_to(weights, images.shape)
+        except ValueError:
+            raise ValueError(
+                f"weights has shape {weights.shape}, expected the images' {images.shape}"
+            ) from None
+        weights = jnp.where(mask, weights, 0.0)
+
+    problem = RegionProblem(psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w))
+    chunk = chunk_size or _default_chunk()
+    fn = _program(problem, solver, int(max_iter), float(tol), adjoint, int(chunk), known_scale)
+
+    mask_f = mask.astype(dtype)
+    inputs = (images, mask_f, weights, valid, params)
+    pieces = []
+    starts = range(0, b, max_batch)
+    for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):
+        piece = jax.tree_util.tree_map(lambda a, s=s: a[s : s + max_batch], inputs)
+        n = piece[0].shape[0]
+        size = _bucket(n, max_batch)
+        if size > n:
+            # Padding regions: no pixels, no sources; they converge at once and are dropped.
+            pad = lambda a: jnp.concatenate([a, jnp.zeros((size - n, *a.shape[1:]), a.dtype)])
+            piece = jax.tree_util.tree_map(pad, piece)
+        out = fn(*piece)
+        pieces.append(jax.tree_util.tree_map(lambda a, n=n: a[:n], out))
+    out = pieces[0] if len(pieces) == 1 else jax.tree_util.tree_map(
+        lambda *a: jnp.concatenate(a), *pieces
+    )
+    params_out = out["params"]
+    if nb == 1:
+        params_out["background"] = params_out["background"][:, 0]
+        out["errors"]["background"] = out["errors"]["background"][:, 0]
+    return FitResult(
+        params=params_out,
+        errors=out["errors"],
+        covariance=out["covariance"],
+        status=out["status"],
+        iterations=out["iterations"],
+        loss=out["loss"],
+        chi2_reduced=out["chi2_reduced"],
+        names=problem.labels(),
+    )

@@ -1,0 +1,177 @@
+"""One region's fitting problem: K sources of one PSF plus a shared background, on one window.
+
+Maps the solver's flat vector of free, unconstrained parameters to the model image, its
+Jacobian, the loss and the Gauss–Newton normal equations. Everything here is for one region;
+batching is `vmap`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ._background import n_background_params, render_background
+from ._noise import NoiseModel
+from ._psf import PSF
+from ._transform import to_internal, to_natural
+
+__all__ = ["RegionProblem"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionProblem:
+    """Static description of a region fit (hashable, so compiled programs can be cached on it).
+
+    The free vector `u` holds, source by source, the free source parameters in the order of
+    `free_names`, then the background's parameters when they are free. `data` is a dict with
+    `image`, `mask`, `weight` (all `(H, W)`), `valid` `(K,)` and `fixed`: a dict of the held
+    parameters (`(K,)` each, and `"background"` `(nb,)` when it is held).
+    """
+
+    psf: PSF
+    names: tuple[str, ...]
+    fixed: frozenset
+    background: str
+    noise: NoiseModel
+    n_sources: int
+    shape: tuple[int, int]
+
+    @property
+    def free_names(self):
+        return tuple(n for n in self.names if n not in self.fixed)
+
+    @property
+    def n_background(self):
+        return n_background_params(self.background)
+
+    @property
+    def background_free(self):
+        return "background" not in self.fixed
+
+    @property
+    def size(self):
+        return self.n_sources * len(self.free_names) + self.n_background * self.background_free
+
+    def labels(self):
+        """`(name, source index)` for each entry of `u`."""
+        out = [(n, k) for k in range(self.n_sources) for n in self.free_names]
+        if self.background_free:
+            out += [("background", i) for i in range(self.n_background)]
+        return tuple(out)
+
+    def grid(self, dtype):
+        h, w = self.shape
+        x = jnp.arange(w, dtype=dtype)[None, :]
+        y = jnp.arange(h, dtype=dtype)[:, None]
+        return x, y
+
+    # -- packing ---------------------------------------------------------------------------
+    def pack(self, params):
+        """Natural parameters (`(K,)` per source name, `"background"` `(nb,)`) to `u` `(P,)`."""
+        nf = len(self.free_names)
+        src = [to_internal(n, params[n], self.shape) for n in self.free_names]
+        parts = [jnp.stack(src, axis=-1).reshape(self.n_sources * nf)] if nf else []
+        if self.background_free:
+            parts.append(jnp.atleast_1d(params["background"]))
+        return jnp.concatenate(parts) if parts else jnp.zeros((0,))
+
+    def _split(self, u):
+        nf = len(self.free_names)
+        src = u[: self.n_sources * nf].reshape(self.n_sources, nf)
+        bg = u[self.n_sources * nf :]
+        return src, bg
+
+    def natural_derivative(self, u):
+        """`(P,)` derivative of each natural parameter with respect to its entry of `u`."""
+        src, bg = self._split(u)
+        cols = [
+            jax.vmap(jax.grad(lambda v, n=n: to_natural(n, v, self.shape)))(src[:, i])
+            for i, n in enumerate(self.free_names)
+        ]
+        d = jnp.stack(cols, axis=-1).reshape(-1) if cols else jnp.zeros((0,), u.dtype)
+        return jnp.concatenate([d, jnp.ones_like(bg)])
+
+    def unpack(self, u, fixed):
+        """`u` and the held parameters to natural parameters (`(K,)` each, background `(nb,)`)."""
+        src, bg = self._split(u)
+        out = {n: to_natural(n, src[:, i], self.shape) for i, n in enumerate(self.free_names)}
+        for n in self.names:
+            if n in self.fixed:
+                out[n] = fixed[n]
+        out["background"] = bg if self.background_free else fixed["background"]
+        return out
+
+    # -- model -----------------------------------------------------------------------------
+    def _source_image(self, v, held, x, y):
+        p = {n: to_natural(n, v[i], self.shape) for i, n in enumerate(self.free_names)}
+        p.update(held)
+        return jnp.broadcast_to(self.psf(p, x, y), self.shape)
+
+    def model(self, u, data):
+        """`(H, W)` model image of the region."""
+        src, bg = self._split(u)
+        x, y = self.grid(u.dtype)
+        held = {n: data["fixed"][n] for n in self.names if n in self.fixed}
+        imgs = jax.vmap(self._source_image, in_axes=(0, 0, None, None))(src, held, x, y)
+        b = bg if self.background_free else data["fixed"]["background"]
+        valid = data["valid"].astype(u.dtype)
+        return jnp.tensordot(valid, imgs, axes=1) + render_background(self.background, b, x, y)
+
+    def model_and_jacobian(self, u, data):
+        """Model `(H, W)` and Jacobian `(P, H*W)` of the model with respect to `u`.
+
+        Each source is differentiated only with respect to its own parameters, so the cost grows
+        as `K * n` rather than `(K * n)²`.
+        """
+        src, bg = self._split(u)
+        x, y = self.grid(u.dtype)
+        held = {n: data["fixed"][n] for n in self.names if n in self.fixed}
+        valid = data["valid"].astype(u.dtype)
+
+        def one(v, h):
+            f = lambda v: self._source_image(v, h, x, y)
+            return f(v), jax.jacfwd(f)(v)
+
+        imgs, jacs = jax.vmap(one)(src, held)  # (K, H, W), (K, H, W, nf)
+        imgs = imgs * valid[:, None, None]
+        jacs = jacs * valid[:, None, None, None]
+        npix = self.shape[0] * self.shape[1]
+        j_src = jnp.moveaxis(jacs, 3, 1).reshape(-1, npix)
+        b = bg if self.background_free else data["fixed"]["background"]
+        bg_img = lambda b: jnp.broadcast_to(render_background(self.background, b, x, y), self.shape)
+        mu = imgs.sum(0) + bg_img(b)
+        if self.background_free:
+            j_bg = jnp.moveaxis(jax.jacfwd(bg_img)(b), 2, 0).reshape(-1, npix)
+            j_src = jnp.concatenate([j_src, j_bg.astype(j_src.dtype)])
+        return mu, j_src
+
+    # -- statistics ------------------------------------------------------------------------
+    def active(self, data, dtype):
+        """`(P,)` 1 for parameters the fit may move, 0 for padded sources' parameters."""
+        nf = len(self.free_names)
+        a = jnp.repeat(data["valid"].astype(dtype), nf)
+        return jnp.concatenate([a, jnp.ones((self.n_background * self.background_free,), dtype)])
+
+    def loss(self, u, data):
+        """Half the χ² (Gaussian) or half the deviance (Poisson) of the region."""
+        mu = self.model(u, data)
+        return jnp.sum(data["mask"] * self.noise.loss(mu, data["image"], data["weight"]))
+
+    def normal_equations(self, u, data):
+        """Loss, gradient `(P,)` and Gauss–Newton (Fisher) matrix `(P, P)` at `u`."""
+        mu, jac = self.model_and_jacobian(u, data)
+        d, w, m = data["image"], data["weight"], data["mask"]
+        loss = jnp.sum(m * self.noise.loss(mu, d, w))
+        r = (m * self.noise.grad(mu, d, w)).reshape(-1)
+        c = (m * self.noise.curvature(mu, d, w)).reshape(-1)
+        g = jac @ r
+        h = (jac * c) @ jac.T
+        return loss, g, h
+
+    def pearson(self, u, data):
+        """Pearson χ²: sum of squared residuals over their expected variance."""
+        mu = self.model(u, data)
+        d, w, m = data["image"], data["weight"], data["mask"]
+        return jnp.sum(m * self.noise.curvature(mu, d, w) * (d - mu) ** 2)
