@@ -50,10 +50,9 @@ def _poisson_mu(mu):
 
 
 def _poisson_loss(mu, d, w):
-    # Half the Poisson deviance: mu - d + d log(d / mu), zero where d = 0 contributes only mu.
+    # Half the Poisson deviance, mu - d + d log(d / mu); a pixel with d = 0 contributes mu.
     mu = _poisson_mu(mu)
-    dlog = jnp.where(d > 0, d * (jnp.log(jnp.where(d > 0, d, 1.0)) - jnp.log(mu)), 0.0)
-    return w * (mu - d + dlog)
+    return w * (mu - d + d * jnp.log(jnp.where(d > 0, d, 1.0) / mu))
 
 
 _GAUSSIAN = NoiseModel(

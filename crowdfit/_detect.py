@@ -1,0 +1,700 @@
+"""Host-side source detection: noise, smooth background, matched filter, peaks and the PSF width.
+
+All numpy + scikit-image on the host; it gives the fitter its starting positions, fluxes and σ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import skimage.feature
+
+from ._group import _pairs_within, pad_windows
+
+__all__ = [
+    "estimate_noise",
+    "estimate_background",
+    "matched_filter",
+    "detect",
+    "estimate_sigma",
+]
+
+# Converts a median absolute deviation into the standard deviation of a normal distribution.
+_MAD_TO_STD = 1.4826
+
+
+def _prepare(image, mask) -> tuple[np.ndarray, np.ndarray]:
+    """A float64 copy of `image` with invalid pixels zeroed, and the `(H, W)` validity mask."""
+    img = np.array(image, dtype=np.float64)
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
+    valid = np.isfinite(img)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != img.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match image shape {img.shape}")
+        valid &= mask
+    img[~valid] = 0.0
+    return img, valid
+
+
+def _row_median(values: np.ndarray) -> np.ndarray:
+    """Median of each row of `(N, M)` values ignoring NaNs (NaN for an all-NaN row), no warnings."""
+    ordered = np.sort(values, axis=1)  # NaNs sort last
+    n = np.sum(~np.isnan(values), axis=1)
+    lo = np.maximum((n - 1) // 2, 0)
+    hi = np.maximum(n // 2, 0)
+    lo_v = np.take_along_axis(ordered, lo[:, None], axis=1)[:, 0]
+    hi_v = np.take_along_axis(ordered, hi[:, None], axis=1)[:, 0]
+    return np.where(n > 0, 0.5 * (lo_v + hi_v), np.nan)
+
+
+def _high_pass(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """`[1, -2, 1] ⊗ [1, -2, 1]` filter of the image, `(H, W)`, NaN wherever an input is invalid."""
+    out = np.full(img.shape, np.nan)
+    if min(img.shape) < 3:
+        return out
+    rows = img[:-2] - 2.0 * img[1:-1] + img[2:]
+    high = rows[:, :-2] - 2.0 * rows[:, 1:-1] + rows[:, 2:]
+    ok = valid[:-2] & valid[1:-1] & valid[2:]
+    ok = ok[:, :-2] & ok[:, 1:-1] & ok[:, 2:]
+    out[1:-1, 1:-1] = np.where(ok, high, np.nan)
+    return out
+
+
+# White noise of standard deviation s comes out of `_high_pass` with standard deviation 6 s.
+_HIGH_PASS_GAIN = 6.0
+
+
+def estimate_noise(image, mask=None) -> float:
+    """Robust standard deviation of the per-pixel noise.
+
+    The image is high-passed with the separable kernel `[1, -2, 1] ⊗ [1, -2, 1]` (the product of
+    the second differences along rows and columns; Immerkær 1996). It removes any background
+    that is linear along either axis, and a smooth source of width `σ` and peak `A` leaves at
+    most about `A / σ⁴` in it, while white noise of standard deviation `s` comes out with standard
+    deviation `6 s` (the kernel's squares sum to 36). The estimate is
+    `1.4826 * MAD(filtered) / 6`: the median absolute deviation ignores the few pixels where
+    sharp sources still show, so neither gradients nor a crowd of sources inflate it.
+
+    **Arguments:**
+
+    - `image`: the `(H, W)` image.
+    - `mask`: optional `(H, W)` booleans, `True` where a pixel is valid. Masked and non-finite
+      pixels are left out: a filtered value is used only where all of its 3×3 inputs are valid.
+
+    **Returns:** the noise standard deviation per pixel, a Python float.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> image = 5.0 + 0.1 * np.arange(256)[None, :] + rng.normal(0.0, 2.0, (256, 256))
+    >>> bool(abs(estimate_noise(image) - 2.0) < 0.1)
+    True
+    """
+    img, valid = _prepare(image, mask)
+    high = _high_pass(img, valid)
+    values, scale = high[np.isfinite(high)], _HIGH_PASS_GAIN
+    if values.size < 16:
+        # Too small or too masked for the 3×3 kernel: fall back on first differences.
+        values = (img[:, 1:] - img[:, :-1])[valid[:, 1:] & valid[:, :-1]]
+        scale = math.sqrt(2.0)
+    if values.size == 0:
+        raise ValueError("not enough valid pixels to estimate the noise")
+    mad = np.median(np.abs(values - np.median(values)))
+    return float(_MAD_TO_STD * mad / scale)
+
+
+# Clipping window of the box levels, in noise standard deviations below and above the level, and
+# the mean of a unit normal truncated to it (negative: the window is lopsided downwards).
+_CLIP_LOW, _CLIP_HIGH = 3.0, 1.0
+_CLIP_PHI = (math.exp(-0.5 * _CLIP_LOW**2) - math.exp(-0.5 * _CLIP_HIGH**2)) / math.sqrt(
+    2.0 * math.pi
+)
+_CLIP_MASS = 0.5 * (math.erf(_CLIP_HIGH / math.sqrt(2.0)) + math.erf(_CLIP_LOW / math.sqrt(2.0)))
+_CLIP_SHIFT = _CLIP_PHI / _CLIP_MASS
+
+
+def _box_levels(values: np.ndarray, spread: np.ndarray, n_iter: int = 30) -> np.ndarray:
+    """Background level of each row of `(N, M)` values (NaN = missing), given its noise `(N,)`.
+
+    Sources only add light, so the level is taken from a window lopsided downwards,
+    `[level - 3 s, level + 1 s]`: the mean of the pixels in it is, for pure noise, `0.283 s` below
+    the level (the mean of a truncated normal), and that is added back. Light of sources reaches
+    into the window only through the pixels up to `1 s` above the level, so a crowd biases this
+    far less than a clipped median (tested on simulated crowds: about a third of the bias).
+    """
+    level = _row_median(values)
+    for _ in range(n_iter):
+        keep = (values >= level[:, None] - _CLIP_LOW * spread[:, None]) & (
+            values <= level[:, None] + _CLIP_HIGH * spread[:, None]
+        )
+        count = np.sum(keep, axis=1)
+        total = np.sum(np.where(keep, values, 0.0), axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            new = total / count - _CLIP_SHIFT * spread
+        new = np.where(count > 0, new, level)
+        done = np.all(np.abs(new - level) <= 1e-4 * spread + 1e-12)
+        level = new
+        if done:
+            break
+    return level
+
+
+def _fill_missing(mesh: np.ndarray) -> np.ndarray:
+    """Replace NaN mesh cells by the mean of their valid 8-neighbours, growing inwards."""
+    mesh = mesh.copy()
+    if np.all(np.isnan(mesh)):
+        raise ValueError("no box has enough valid pixels to estimate the background")
+    while np.any(np.isnan(mesh)):
+        padded = np.pad(mesh, 1, constant_values=np.nan)
+        ny, nx = mesh.shape
+        shifts = np.stack(
+            [padded[i : i + ny, j : j + nx] for i in range(3) for j in range(3) if (i, j) != (1, 1)]
+        )
+        count = np.sum(~np.isnan(shifts), axis=0)
+        total = np.where(np.isnan(shifts), 0.0, shifts).sum(axis=0)
+        fill = np.isnan(mesh) & (count > 0)
+        mesh[fill] = total[fill] / count[fill]
+    return mesh
+
+
+def _median_filter3(mesh: np.ndarray) -> np.ndarray:
+    """3×3 median filter of the mesh; odd reflection at the edges keeps a plane unchanged."""
+    ny, nx = mesh.shape
+    if min(ny, nx) == 1:
+        # A single row or column of boxes: filter along it only.
+        flat = mesh.ravel()
+        if flat.size < 3:
+            return mesh
+        p = np.pad(flat, 1, mode="reflect", reflect_type="odd")
+        return np.median(np.stack([p[:-2], p[1:-1], p[2:]]), axis=0).reshape(mesh.shape)
+    padded = np.pad(mesh, 1, mode="reflect", reflect_type="odd")
+    shifts = np.stack([padded[i : i + ny, j : j + nx] for i in range(3) for j in range(3)])
+    return np.median(shifts, axis=0)
+
+
+def _interp_weights(centres: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and weights for linear interpolation, constant past the outer centres."""
+    q = np.arange(n, dtype=np.float64)
+    if centres.size == 1:
+        return np.zeros(n, dtype=np.intp), np.zeros(n)
+    idx = np.clip(np.searchsorted(centres, q) - 1, 0, centres.size - 2)
+    # Extrapolating the slope instead would follow a gradient better up to the edges, but it
+    # amplifies the noise of the outer boxes (measured: the worst error of a pure-noise map grows
+    # by a third), so the outer half boxes are flat.
+    t = np.clip((q - centres[idx]) / (centres[idx + 1] - centres[idx]), 0.0, 1.0)
+    return idx, t
+
+
+class _Mesh:
+    """A tiling of an `(H, W)` image into boxes, gathered as rows of a `(boxes, pixels)` array."""
+
+    def __init__(self, shape: tuple[int, int], box: tuple[int, int]):
+        height, width = shape
+        self.shape = shape
+        self.ny = max(1, round(height / box[0]))
+        self.nx = max(1, round(width / box[1]))
+        self.row_edges = np.round(np.linspace(0, height, self.ny + 1)).astype(np.intp)
+        self.col_edges = np.round(np.linspace(0, width, self.nx + 1)).astype(np.intp)
+        len_r = int(np.max(np.diff(self.row_edges)))
+        len_c = int(np.max(np.diff(self.col_edges)))
+        # Index `height` / `width` points at an all-NaN pad row / column, for boxes a pixel short.
+        ridx = self.row_edges[:-1, None] + np.arange(len_r)[None, :]
+        self.ridx = np.where(ridx < self.row_edges[1:, None], ridx, height)
+        cidx = self.col_edges[:-1, None] + np.arange(len_c)[None, :]
+        self.cidx = np.where(cidx < self.col_edges[1:, None], cidx, width)
+        self.pixels = len_r * len_c
+
+    def gather(self, values: np.ndarray) -> np.ndarray:
+        """`(boxes, pixels)` values of each box; NaN stays NaN and pads the short boxes."""
+        height, width = self.shape
+        data = np.full((height + 1, width + 1), np.nan)
+        data[:height, :width] = values
+        boxes = data[self.ridx[:, :, None, None], self.cidx[None, None, :, :]]
+        return boxes.transpose(0, 2, 1, 3).reshape(self.ny * self.nx, self.pixels)
+
+    def to_image(self, mesh: np.ndarray) -> np.ndarray:
+        """Bilinear interpolation of a `(ny, nx)` mesh from the box centres to every pixel."""
+        height, width = self.shape
+        centre_r = 0.5 * (self.row_edges[:-1] + self.row_edges[1:] - 1)
+        centre_c = 0.5 * (self.col_edges[:-1] + self.col_edges[1:] - 1)
+        iy, ty = _interp_weights(centre_r, height)
+        ix, tx = _interp_weights(centre_c, width)
+        iy1 = np.minimum(iy + 1, self.ny - 1)
+        ix1 = np.minimum(ix + 1, self.nx - 1)
+        rows = mesh[iy] * (1.0 - ty)[:, None] + mesh[iy1] * ty[:, None]
+        return rows[:, ix] * (1.0 - tx)[None, :] + rows[:, ix1] * tx[None, :]
+
+
+def estimate_background(image, mask=None, *, box=None, sigma=None) -> np.ndarray:
+    """A smooth background map for images with gradients, robust to a crowd of sources.
+
+    The image is cut into a mesh of boxes of about `box` pixels. Each box gets its own noise
+    level (the `estimate_noise` estimator on its pixels) and a background level from a clipping
+    window lopsided downwards, `[level - 3 noise, level + 1 noise]`, whose mean is corrected by
+    the known offset of a truncated normal: sources only add light, so their pixels fall above
+    the window, and only their faint wings bias the level (a clipped median is biased about three
+    times more in a crowd). Boxes with under a fifth of their pixels valid are filled from their
+    neighbours; the mesh is 3×3 median filtered (a bright star or a dense cluster spoils a box,
+    not the map) and interpolated bilinearly from the box centres to every pixel (constant past
+    the outer centres, half a box from the edges). This is done
+    twice, the second time on the image minus the first map, so that a gradient inside a box does
+    not widen its pixel distribution.
+
+    **Arguments:**
+
+    - `image`: the `(H, W)` image.
+    - `mask`: optional `(H, W)` booleans, `True` where a pixel is valid; masked and non-finite
+      pixels are ignored.
+    - `box`: box size in pixels, an int or `(rows, cols)`; boxes are shrunk or stretched slightly
+      so that they tile the image. Default `max(16, ceil(8 * sigma))`, or 16 without `sigma`.
+    - `sigma`: the PSF width in pixels, used only to choose the default box.
+
+    **Returns:** the `(H, W)` float64 background.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> truth = 10.0 + 0.05 * np.arange(128)[None, :] + 0.02 * np.arange(64)[:, None]
+    >>> background = estimate_background(truth + rng.normal(0.0, 1.0, truth.shape))
+    >>> bool(np.sqrt(np.mean((background - truth) ** 2)) < 0.3)
+    True
+    """
+    img, valid = _prepare(image, mask)
+    if box is None:
+        box = 16 if sigma is None else max(16, math.ceil(8.0 * float(sigma)))
+    box_rc = (int(box), int(box)) if np.ndim(box) == 0 else (int(box[0]), int(box[1]))
+    if min(box_rc) < 1:
+        raise ValueError(f"box must be positive, got {box}")
+    mesh = _Mesh(img.shape, box_rc)
+
+    high = mesh.gather(_high_pass(img, valid))
+    n_high = np.sum(~np.isnan(high), axis=1)
+    mad = _row_median(np.abs(high - _row_median(high)[:, None]))
+    spread = _MAD_TO_STD * mad / _HIGH_PASS_GAIN
+    fallback = estimate_noise(img, valid)
+    spread = np.where((n_high >= 16) & np.isfinite(spread), spread, fallback)
+
+    data = np.where(valid, img, np.nan)
+    enough = np.sum(~np.isnan(mesh.gather(data)), axis=1) >= max(4, 0.2 * mesh.pixels)
+    background = np.zeros(img.shape)
+    for _ in range(2):
+        level = _box_levels(mesh.gather(data - background), spread)
+        level = np.where(enough, level, np.nan).reshape(mesh.ny, mesh.nx)
+        background = background + mesh.to_image(_median_filter3(_fill_missing(level)))
+    return background
+
+
+def _gaussian_taps(sigma: float, power: int = 1) -> np.ndarray:
+    """`exp(-d² / (2σ²)) ** power` at integer offsets `d` out to `ceil(4σ)`."""
+    half = max(1, math.ceil(4.0 * sigma))
+    d = np.arange(-half, half + 1, dtype=np.float64)
+    return np.exp(-0.5 * power * (d / sigma) ** 2)
+
+
+def _convolve_separable(a: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """`a` convolved with `taps ⊗ taps`, zero outside the image (loops over taps, not pixels)."""
+    half = (taps.size - 1) // 2
+    height, width = a.shape
+    padded = np.pad(a, ((half, half), (0, 0)))
+    rows = np.zeros_like(a)
+    for k, tap in enumerate(taps):
+        rows += tap * padded[k : k + height]
+    padded = np.pad(rows, ((0, 0), (half, half)))
+    out = np.zeros_like(a)
+    for k, tap in enumerate(taps):
+        out += tap * padded[:, k : k + width]
+    return out
+
+
+def _matched_filter_parts(residual, valid, sigma):
+    """Least-squares flux map and its information `Σ w P²` (see `matched_filter`)."""
+    norm = 1.0 / (2.0 * math.pi * sigma * sigma)
+    w = valid.astype(np.float64)
+    numerator = norm * _convolve_separable(np.where(valid, residual, 0.0), _gaussian_taps(sigma))
+    information = norm * norm * _convolve_separable(w, _gaussian_taps(sigma, power=2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        flux = np.where(information > 0, numerator / information, 0.0)
+    return flux, information
+
+
+def _resolve_background(img, valid, background, sigma) -> np.ndarray:
+    if background is None:
+        return estimate_background(img, valid, sigma=sigma)
+    return np.broadcast_to(np.asarray(background, dtype=np.float64), img.shape)
+
+
+def matched_filter(image, sigma: float, mask=None, *, background=None) -> np.ndarray:
+    """The image minus its background, matched-filtered with a Gaussian PSF of width `sigma`.
+
+    The filter is scaled so that its value at a pixel is the least-squares flux of one Gaussian
+    source centred there, `F = Σ w P d / Σ w P²`, with `d` the background-subtracted image, `w` the
+    validity mask and `P` the unit-flux PSF `exp(-r² / (2σ²)) / (2πσ²)` (the `"gaussian"` PSF of
+    `crowdfit`). Both sums are convolutions — zero-filled data and the convolved mask — so masked
+    pixels and pixels beyond the border simply do not count: a source cut by the edge of the image
+    gets its full flux back. With per-pixel noise `s` the noise of `F` is `s / sqrt(Σ w P²)`,
+    `s · 2√π · σ` away from masks and edges; `detect` divides by it, so its threshold is in
+    standard deviations of this filtered image.
+
+    **Arguments:**
+
+    - `image`: the `(H, W)` image.
+    - `sigma`: the PSF width in pixels.
+    - `mask`: optional `(H, W)` booleans, `True` where a pixel is valid.
+    - `background`: a scalar or `(H, W)` background to subtract; default `estimate_background`.
+
+    **Returns:** the `(H, W)` flux map (0 where no valid pixel is within reach).
+
+    >>> import numpy as np
+    >>> y, x = np.mgrid[:32, :32]
+    >>> image = 100.0 * np.exp(-((x - 16) ** 2 + (y - 16) ** 2) / (2 * 2.0**2))
+    >>> flux = matched_filter(image, 2.0, background=0.0)
+    >>> round(float(flux[16, 16] / (100.0 * 2 * np.pi * 2.0**2)), 3)
+    1.0
+    """
+    img, valid = _prepare(image, mask)
+    bg = _resolve_background(img, valid, background, sigma)
+    flux, _ = _matched_filter_parts(img - bg, valid, float(sigma))
+    return flux
+
+
+def _subpixel_offset(fm: np.ndarray, f0: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Vertex of the parabola through the log of three samples (a Gaussian peak exactly)."""
+    positive = (fm > 0) & (f0 > 0) & (fp > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lm, l0, lp = (np.log(np.where(positive, v, 1.0)) for v in (fm, f0, fp))
+        gm = np.where(positive, lm, fm)
+        g0 = np.where(positive, l0, f0)
+        gp = np.where(positive, lp, fp)
+        curvature = gm - 2.0 * g0 + gp
+        offset = np.where(curvature < 0, 0.5 * (gm - gp) / curvature, 0.0)
+    offset = np.where(np.isfinite(offset), offset, 0.0)
+    return np.clip(offset, -0.5, 0.5)
+
+
+def _render_gaussians(shape, x, y, flux, sigma: float) -> np.ndarray:
+    """`(H, W)` image of Gaussian sources (the `"gaussian"` PSF), each out to `ceil(4σ)`."""
+    height, width = shape
+    offsets = np.arange(-math.ceil(4.0 * sigma), math.ceil(4.0 * sigma) + 1)
+    rows = np.round(y).astype(np.intp)[:, None] + offsets
+    cols = np.round(x).astype(np.intp)[:, None] + offsets
+    gy = np.exp(-0.5 * ((rows - y[:, None]) / sigma) ** 2)
+    gx = np.exp(-0.5 * ((cols - x[:, None]) / sigma) ** 2)
+    values = (flux / (2.0 * math.pi * sigma * sigma))[:, None, None] * gy[:, :, None] * gx[:, None]
+    inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
+    flat = rows[:, :, None] * width + cols[:, None, :]
+    image = np.bincount(flat[inside], weights=values[inside], minlength=height * width)
+    return image.reshape(height, width)
+
+
+def _find_peaks(img, valid, bg, noise, sigma, sharpen, threshold, peak_options):
+    """Peaks of the sharpened map kept where both maps are significant; see `detect`."""
+    flux, information = _matched_filter_parts(img - bg, valid, sigma)
+    snr = flux * np.sqrt(information) / noise
+    sigma_peak = sharpen * sigma
+    if sharpen == 1.0:
+        flux_peak, snr_peak = flux, snr
+    else:
+        flux_peak, info_peak = _matched_filter_parts(img - bg, valid, sigma_peak)
+        snr_peak = flux_peak * np.sqrt(info_peak) / noise
+    snr_peak = np.where(valid, snr_peak, -np.inf)
+    # A source at exactly `threshold` in the matched filter is expected at this S/N in the sharper
+    # map (the overlap of two normalised Gaussians of widths σ and ρσ is 2ρ / (1 + ρ²)).
+    efficiency = 2.0 * sharpen / (1.0 + sharpen * sharpen)
+    peaks = skimage.feature.peak_local_max(
+        snr_peak,
+        threshold_abs=efficiency * threshold,
+        exclude_border=peak_options[1],
+        min_distance=peak_options[0],
+        num_peaks=np.inf,
+    )
+    if peaks.size:
+        peaks = peaks[snr[peaks[:, 0], peaks[:, 1]] > threshold]
+    r, c = peaks[:, 0], peaks[:, 1]
+    height, width = img.shape
+
+    def sample(rr, cc):
+        inside = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
+        v = snr_peak[np.clip(rr, 0, height - 1), np.clip(cc, 0, width - 1)]
+        return np.where(inside & np.isfinite(v), v, np.nan)
+
+    s0 = snr_peak[r, c]
+    # A missing neighbour (edge or mask) gives NaN and so an offset of 0 along that axis.
+    dx = _subpixel_offset(sample(r, c - 1), s0, sample(r, c + 1))
+    dy = _subpixel_offset(sample(r - 1, c), s0, sample(r + 1, c))
+    d2 = dx * dx + dy * dy
+    width2 = sigma * sigma + sigma_peak * sigma_peak
+    # The least-squares flux with the narrower PSF is `2 ρ²σ² / (σ² + ρ²σ²)` of the true one.
+    flux_guess = flux_peak[r, c] * width2 / (2.0 * sigma_peak**2) * np.exp(0.5 * d2 / width2)
+    out = {
+        "x": c + dx,
+        "y": r + dy,
+        "flux_guess": flux_guess,
+        "snr": snr[r, c] * np.exp(d2 / (4.0 * sigma * sigma)),
+    }
+    order = np.argsort(-out["snr"], kind="stable")
+    return {k: v[order] for k, v in out.items()}
+
+
+def detect(
+    image,
+    sigma: float,
+    *,
+    mask=None,
+    threshold: float | None = None,
+    background=None,
+    noise: float | None = None,
+    min_distance: int = 1,
+    exclude_border: bool | int = False,
+    max_sources: int | None = None,
+    sharpen: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """Find point sources as significant peaks of the filtered image.
+
+    The image minus its background is matched-filtered (`matched_filter`) and divided by the
+    filtered image's own noise, `noise / sqrt(Σ w P²)`, propagated from the per-pixel noise: a
+    signal-to-noise map in which, near edges and masks where fewer pixels constrain a source, the
+    noise is correctly larger. A source is detected where this S/N exceeds `threshold`.
+
+    The matched filter is the most sensitive but blurs the image to `√2 σ`, which merges
+    neighbours closer than about 3σ. So peaks are looked for on the same map made with a narrower
+    Gaussian, `sharpen · σ` wide (`sharpen=1` uses the matched filter itself): local maxima of it
+    (`skimage.feature.peak_local_max`) that are significant in both maps. On simulated crowds of
+    σ = 2 spots this recovers 1.5× as many sources within 1 px and makes a third as many blends.
+    Masked pixels never produce a peak.
+
+    Positions are refined to sub-pixel by a parabola through the log of the 3 samples along each
+    axis (exact for a Gaussian peak). `flux_guess` is the least-squares flux of a source at the
+    peak, corrected for the narrower PSF and the sub-pixel offset: for an isolated Gaussian
+    source it is its flux `A · 2πσ²` (`A` the amplitude); in a blend it includes some of the
+    neighbours' light.
+
+    Without `background`, it is estimated, the sources detected, and the background estimated
+    again with the detected sources subtracted and their cores masked, which removes most of the
+    upward bias a crowd gives a background estimate.
+
+    **Arguments:**
+
+    - `image`: the `(H, W)` image.
+    - `sigma`: the PSF width in pixels (a guess is fine; see `estimate_sigma`).
+    - `mask`: optional `(H, W)` booleans, `True` where a pixel is valid.
+    - `threshold`: detection threshold in standard deviations of the matched-filtered image;
+      default 5.
+    - `background`: a scalar or `(H, W)` background; default: estimated (see above).
+    - `noise`: the per-pixel noise standard deviation; default `estimate_noise`.
+    - `min_distance`: smallest allowed distance between peaks in pixels (`peak_local_max`).
+    - `exclude_border`: as in `peak_local_max`; default `False`, so that sources at the edges
+      are found.
+    - `max_sources`: keep at most this many, the most significant.
+    - `sharpen`: width of the peak-finding filter in units of `sigma`, in `(0, 1]`.
+
+    **Returns:** a dict of `(N,)` float arrays, most significant first: `x` (column), `y` (row),
+    `flux_guess` and `snr` (the matched-filter signal-to-noise ratio at the peak).
+
+    >>> import numpy as np
+    >>> y, x = np.mgrid[:40, :60]
+    >>> rng = np.random.default_rng(0)
+    >>> image = 100.0 * np.exp(-((x - 20.3) ** 2 + (y - 12.0) ** 2) / 8.0)
+    >>> found = detect(image + rng.normal(0.0, 5.0, image.shape), 2.0)
+    >>> len(found["x"]), round(float(found["x"][0]))
+    (1, 20)
+    """
+    sigma = float(sigma)
+    if not 0.0 < sharpen <= 1.0:
+        raise ValueError(f"sharpen must be in (0, 1], got {sharpen}")
+    img, valid = _prepare(image, mask)
+    empty = {k: np.zeros(0) for k in ("x", "y", "flux_guess", "snr")}
+    if not np.any(valid):
+        return empty
+    if noise is None:
+        noise = estimate_noise(img, valid)
+    noise = float(noise)
+    threshold = 5.0 if threshold is None else float(threshold)
+    options = (int(min_distance), exclude_border)
+    if background is None:
+        bg = estimate_background(img, valid, sigma=sigma)
+        found = _find_peaks(img, valid, bg, noise, sigma, float(sharpen), threshold, options)
+        model = _render_gaussians(img.shape, found["x"], found["y"], found["flux_guess"], sigma)
+        # Cores, where the first flux guesses are least trustworthy, are left out altogether.
+        try:
+            bg = estimate_background(img - model, valid & (model < noise), sigma=sigma)
+        except ValueError:
+            pass  # sources cover nearly every pixel: keep the first estimate
+    else:
+        bg = _resolve_background(img, valid, background, sigma)
+    found = _find_peaks(img, valid, bg, noise, sigma, float(sharpen), threshold, options)
+    if max_sources is not None:
+        found = {k: v[: int(max_sources)] for k, v in found.items()}
+    return found
+
+
+def _fit_gaussians(stamps, weights, x0, y0, sigma0, n_iter=40):
+    """Batched Levenberg–Marquardt fit of `A exp(-r²/(2σ²)) + b` to `(N, S, S)` stamps; σ `(N,)`."""
+    n, size, _ = stamps.shape
+    grid = np.arange(size, dtype=np.float64)
+    yy, xx = grid[None, :, None], grid[None, None, :]
+    border = np.ones((size, size), dtype=bool)
+    border[1:-1, 1:-1] = False
+    b0 = _row_median(np.where(weights[:, border] > 0, stamps[:, border], np.nan))
+    b0 = np.where(np.isfinite(b0), b0, 0.0)
+    centre = size // 2
+    peak = stamps[:, centre, centre] - b0
+    params = np.stack([peak, x0, y0, np.log(sigma0), b0], axis=1)
+
+    def model_and_jacobian(p):
+        a, px, py, t, b = (p[:, i, None, None] for i in range(5))
+        s2 = np.exp(2.0 * t)
+        ddx, ddy = xx - px, yy - py
+        r2 = ddx * ddx + ddy * ddy
+        g = np.exp(-0.5 * r2 / s2)
+        model = a * g + b
+        jac = np.stack(
+            [g, a * g * ddx / s2, a * g * ddy / s2, a * g * r2 / s2, np.ones_like(g)], axis=-1
+        )
+        return model, jac.reshape(n, size * size, 5)
+
+    def cost(p):
+        model, _ = model_and_jacobian(p)
+        return np.sum(weights * (stamps - model) ** 2, axis=(1, 2))
+
+    lam = np.full(n, 1e-3)
+    current = cost(params)
+    w_flat = weights.reshape(n, -1)
+    for _ in range(n_iter):
+        model, jac = model_and_jacobian(params)
+        resid = (stamps - model).reshape(n, -1)
+        jtj = np.einsum("npi,np,npj->nij", jac, w_flat, jac)
+        jtr = np.einsum("npi,np,np->ni", jac, w_flat, resid)
+        diag = np.einsum("nii->ni", jtj)
+        damped = jtj + (lam[:, None] * np.maximum(diag, 1e-12))[:, :, None] * np.eye(5)
+        try:
+            step = np.linalg.solve(damped, jtr[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            step = np.zeros_like(params)
+        step = np.where(np.isfinite(step), step, 0.0)
+        trial = params + step
+        # Keep σ in a range where the model stays finite; fits that hit the ends are rejected.
+        trial[:, 3] = np.clip(trial[:, 3], math.log(0.1), math.log(2.0 * size))
+        trial[:, 1:3] = np.clip(trial[:, 1:3], -size, 2.0 * size)
+        trial_cost = cost(trial)
+        better = trial_cost < current
+        params = np.where(better[:, None], trial, params)
+        current = np.where(better, trial_cost, current)
+        lam = np.where(better, lam / 3.0, lam * 3.0)
+    return np.exp(params[:, 3]), params[:, 0]
+
+
+def estimate_sigma(
+    image,
+    x,
+    y,
+    *,
+    background=None,
+    half_width: int | None = None,
+    mask=None,
+    max_stars: int = 50,
+) -> float:
+    """One shared PSF width from the bright, isolated detections.
+
+    Detections whose peak is at least 10 noise standard deviations above the background (or, if
+    fewer than 10 are, the brightest quarter) are ranked by how isolated they are — the distance
+    to the nearest other detection — and the most isolated are each fitted, on a stamp of
+    `2 * half_width + 1` pixels around them, with a circular Gaussian plus a constant (amplitude,
+    x, y, σ, offset; batched Levenberg–Marquardt in numpy). The median of their σ is returned; the
+    median shrugs off stamps spoiled by an undetected neighbour.
+
+    A detection counts as *isolated* when no other detection lies within `2 * half_width` pixels
+    (about 6σ): a neighbour's core then never falls on the stamp, and its wing adds at most about
+    1 % of its peak at the stamp's edge. All isolated detections are used, up to `max_stars`
+    (at least the 10 most isolated, whatever their isolation). Isolation, not brightness, comes
+    first, because in a crowd of similar sources the brightest detections are unresolved blends,
+    which look wider. Without `half_width`, a first σ comes from the area above half maximum of the
+    most isolated stamps, and `half_width = ceil(3σ)`.
+
+    On simulated fields it was within 1 % up to 0.17 sources per FWHM² (2000 σ = 2 spots in
+    512²) and within 6 % at 0.25; denser, few stamps are clean and σ comes out high (by 10–35 %
+    at 0.4–0.9 per FWHM²): fit σ jointly there.
+
+    **Arguments:**
+
+    - `image`: the `(H, W)` image.
+    - `x`, `y`: `(N,)` detected positions (column, row), e.g. from `detect`.
+    - `background`: a scalar or `(H, W)` background; default `estimate_background`.
+    - `half_width`: the stamp half width in pixels.
+    - `mask`: optional `(H, W)` booleans, `True` where a pixel is valid.
+    - `max_stars`: how many stars to fit at most.
+
+    **Returns:** σ in pixels, a Python float.
+
+    >>> import numpy as np
+    >>> y, x = np.mgrid[:64, :64]
+    >>> image = sum(
+    ...     100.0 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 1.7**2))
+    ...     for cx, cy in [(15, 15), (45, 20), (20, 48)]
+    ... )
+    >>> round(estimate_sigma(image, [15, 45, 20], [15, 20, 48], background=0.0), 2)
+    1.7
+    """
+    img, valid = _prepare(image, mask)
+    bg = _resolve_background(img, valid, background, None)
+    resid = np.where(valid, img - bg, 0.0)
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("estimate_sigma needs at least one detection")
+    height, width = img.shape
+    rows = np.clip(np.round(y).astype(np.intp), 0, height - 1)
+    cols = np.clip(np.round(x).astype(np.intp), 0, width - 1)
+    brightness = resid[rows, cols]
+
+    def stamps_at(sel, half):
+        windows = np.stack(
+            [rows[sel] - half, rows[sel] + half + 1, cols[sel] - half, cols[sel] + half + 1], axis=1
+        )
+        size = 2 * half + 1
+        st, w, _ = pad_windows(resid, windows, (size, size), mask=valid)
+        return st, w.astype(np.float64)
+
+    # Bright enough that noise does not dominate a fit: a peak of 10 noise if there are enough.
+    noise = estimate_noise(img, valid)
+    bright = np.flatnonzero(brightness > 10.0 * noise)
+    if bright.size < 10:
+        bright = np.argsort(-brightness, kind="stable")[: max(10, x.size // 4)]
+        bright = bright[brightness[bright] > 0]
+    if bright.size == 0:
+        raise ValueError("no detection is brighter than the background")
+
+    def pick(half):
+        # The brightest detections of a crowd are unresolved blends, so the most isolated go first.
+        reach = 2.0 * half
+        first, second = _pairs_within(x, y, 1.5 * reach)
+        nearest = np.full(x.size, np.inf)
+        dist = np.hypot(x[first] - x[second], y[first] - y[second])
+        np.minimum.at(nearest, first, dist)
+        np.minimum.at(nearest, second, dist)
+        near = nearest[bright]
+        ranked = bright[np.lexsort((-brightness[bright], -near))]
+        n_isolated = int(np.sum(near > reach))
+        return ranked[: min(max_stars, max(n_isolated, 10))]
+
+    if half_width is None:
+        first = pick(7)
+        st, w = stamps_at(first, 10)
+        peak = st[:, 10, 10]
+        above = np.sum((st > 0.5 * peak[:, None, None]) & (w > 0), axis=(1, 2))
+        # A Gaussian is above half maximum on a disc of area 2π ln2 σ².
+        sigma0 = float(np.median(np.sqrt(np.maximum(above, 1) / (2.0 * math.pi * math.log(2.0)))))
+        half_width = int(np.clip(math.ceil(3.0 * sigma0), 3, 30))
+    else:
+        half_width = int(half_width)
+        sigma0 = half_width / 3.0
+
+    chosen = pick(half_width)
+    st, w = stamps_at(chosen, half_width)
+    x0 = x[chosen] - cols[chosen] + half_width
+    y0 = y[chosen] - rows[chosen] + half_width
+    sig, amp = _fit_gaussians(st, w, x0, y0, np.full(chosen.size, sigma0))
+    good = np.isfinite(sig) & (sig > 0.2) & (sig < 2.0 * half_width) & (amp > 0)
+    if not np.any(good):
+        raise ValueError("no detection gave a usable PSF width")
+    return float(np.median(sig[good]))

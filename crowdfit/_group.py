@@ -1,0 +1,407 @@
+"""Host-side grouping: overlapping sources into bounded regions, regions into shape buckets.
+
+Each source is a member (fitted and reported) of exactly one region; nearby ones ride along.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["Region", "group_sources", "bucket_regions", "pad_window", "pad_windows"]
+
+_FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Region:
+    """A window of the image and the sources fitted jointly on it.
+
+    **Fields:**
+
+    - `window`: `(row0, row1, col0, col1)`, the half-open pixel ranges `[row0, row1)` and
+      `[col0, col1)` of the image, clipped to it.
+    - `members`: `(M,)` int indices of the sources fitted *and reported* by this region.
+    - `neighbours`: `(K - M,)` int indices of sources whose light reaches the window; they are
+      fitted jointly here, but reported by the region where they are members.
+    - `group`: id of the cluster of overlapping sources this region came from (a cluster too big
+      for one region is split into several regions with the same `group`).
+    """
+
+    window: tuple[int, int, int, int]
+    members: np.ndarray
+    neighbours: np.ndarray
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """`(H, W)` of the window."""
+        row0, row1, col0, col1 = self.window
+        return row1 - row0, col1 - col0
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """`(row0, col0)`: image coordinates are window coordinates plus this."""
+        return self.window[0], self.window[2]
+
+    @property
+    def sources(self) -> np.ndarray:
+        """All `(K,)` sources fitted on the window: members first, then neighbours."""
+        return np.concatenate([self.members, self.neighbours])
+
+
+def _pairs_within(x: np.ndarray, y: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs `i < j` closer than `radius`, hashing positions onto a grid of that cell size."""
+    n = x.size
+    cx = np.floor(x / radius).astype(np.int64)
+    cy = np.floor(y / radius).astype(np.int64)
+    cx -= cx.min()
+    cy -= cy.min()
+    # Two spare columns: a neighbour key one column off either end lands in an empty cell.
+    ncols = int(cx.max()) + 2
+    key = cy * ncols + cx
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    firsts, seconds = [], []
+    # Half of the 3×3 neighbourhood, so that every pair of cells is visited once.
+    for dy, dx in ((0, 0), (0, 1), (1, -1), (1, 0), (1, 1)):
+        target = key + dy * ncols + dx
+        lo = np.searchsorted(sorted_key, target, side="left")
+        hi = np.searchsorted(sorted_key, target, side="right")
+        counts = hi - lo
+        total = int(counts.sum())
+        if total == 0:
+            continue
+        i = np.repeat(np.arange(n), counts)
+        starts = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+        j = order[starts + np.arange(total)]
+        keep = (x[i] - x[j]) ** 2 + (y[i] - y[j]) ** 2 < radius * radius
+        if (dy, dx) == (0, 0):
+            keep &= i < j
+        firsts.append(i[keep])
+        seconds.append(j[keep])
+    if not firsts:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
+    return np.concatenate(firsts), np.concatenate(seconds)
+
+
+def _components(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Connected-component label (smallest member index) of each of `n` nodes given edges."""
+    parent = np.arange(n)
+    while True:
+        # Pointer jumping until every node points at its root.
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+        a, b = parent[first], parent[second]
+        if np.array_equal(a, b):
+            return parent
+        # Hook the larger root under the smaller one; always pointing down keeps it a forest.
+        np.minimum.at(parent, np.maximum(a, b), np.minimum(a, b))
+
+
+def _window(
+    x: np.ndarray, y: np.ndarray, margin: int, shape: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """Bounding box of the positions widened by `margin` pixels, clipped to the image."""
+    height, width = shape
+    row0 = max(0, math.floor(float(y.min())) - margin)
+    row1 = min(height, math.ceil(float(y.max())) + margin + 1)
+    col0 = max(0, math.floor(float(x.min())) - margin)
+    col1 = min(width, math.ceil(float(x.max())) + margin + 1)
+    return row0, row1, col0, col1
+
+
+def _centred_window(x: float, y: float, size: int, shape: tuple[int, int]):
+    height, width = shape
+    row0 = round(y) - size // 2
+    col0 = round(x) - size // 2
+    return max(0, row0), min(height, row0 + size), max(0, col0), min(width, col0 + size)
+
+
+def _bisect(idx: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split sources in two along the longer side of their spread, at the widest middle gap."""
+    px, py = x[idx], y[idx]
+    coord = px if np.ptp(px) >= np.ptp(py) else py
+    order = np.argsort(coord, kind="stable")
+    ordered = coord[order]
+    n = idx.size
+    quarter = max(1, math.ceil(n / 4))
+    cuts = np.arange(quarter, n - quarter + 1)
+    if cuts.size == 0:
+        cuts = np.array([n // 2])
+    cut = int(cuts[np.argmax(ordered[cuts] - ordered[cuts - 1])])
+    return idx[order[:cut]], idx[order[cut:]]
+
+
+def group_sources(
+    x,
+    y,
+    sigma: float,
+    shape: tuple[int, int],
+    *,
+    radius: float | None = None,
+    max_sources: int = 8,
+    max_window: int = 32,
+    margin: int | None = None,
+    max_total: int | None = None,
+    flux=None,
+) -> list[Region]:
+    """Group overlapping sources into regions of bounded size for joint fitting.
+
+    Sources closer than `radius` are linked, and the connected components (found on a grid hash
+    of the positions: no KD-tree, no scipy) are the clusters of sources that must be fitted
+    together. The default radius is `2 · FWHM ≈ 4.7σ`: two Gaussian PSFs that far apart have an
+    overlap `exp(-d² / (4σ²))` below 0.4 %, so fitting them apart barely biases either.
+
+    A cluster becomes one region with window = bounding box of its members ± `margin` (clipped to
+    the image), unless it holds more than `max_sources` members or that window would be wider or
+    taller than `max_window`; then it is bisected recursively along the longer side of its
+    members' spread, at the widest gap between the first and last quarter of them, until every
+    part fits. A lone source whose window would exceed `max_window` gets a window of `max_window`
+    centred on it. So in a dense field where everything connects into one giant cluster the
+    regions stay small, and the cost stays linear in the number of sources.
+
+    Every source is a member of exactly one region. A region's `neighbours` are the other sources
+    within `margin` of its window (whose light reaches it), of any cluster, nearest first: they are
+    fitted jointly so that their light is not absorbed by members or background. When members plus
+    neighbours would exceed `max_total`, only the nearest neighbours are kept (or, given `flux`,
+    those that put the most light on the window, `flux · exp(-d² / (2σ²))` with `d` their distance
+    to the window).
+
+    **Arguments:**
+
+    - `x`, `y`: `(N,)` source positions (column, row), in pixels.
+    - `sigma`: the PSF width in pixels.
+    - `shape`: `(H, W)` of the image.
+    - `radius`: linking distance in pixels; default `2 · FWHM`.
+    - `max_sources`: most members per region.
+    - `max_window`: most pixels per window side.
+    - `margin`: pixels around the members' bounding box; default `ceil(3σ)`.
+    - `max_total`: most members plus neighbours per region; default `2 * max_sources`.
+    - `flux`: optional `(N,)` fluxes to rank neighbours by their light on the window.
+
+    **Returns:** a list of `Region`, ordered by cluster.
+
+    >>> regions = group_sources([10.0, 13.0, 60.0], [10.0, 11.0, 40.0], 2.0, (64, 80))
+    >>> [r.members.tolist() for r in regions]
+    [[0, 1], [2]]
+    """
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"x and y differ in size: {x.size} and {y.size}")
+    sigma = float(sigma)
+    height, width = int(shape[0]), int(shape[1])
+    radius = 2.0 * _FWHM_PER_SIGMA * sigma if radius is None else float(radius)
+    margin = math.ceil(3.0 * sigma) if margin is None else int(margin)
+    max_total = 2 * max_sources if max_total is None else int(max_total)
+    if max_sources < 1 or max_total < max_sources:
+        raise ValueError("need 1 <= max_sources <= max_total")
+    if max_window < 1:
+        raise ValueError("max_window must be positive")
+    n = x.size
+    if n == 0:
+        return []
+    weight = None if flux is None else np.asarray(flux, dtype=np.float64).ravel()
+    # Windows are built around positions pulled into the image, so members stay inside them.
+    wx = np.clip(x, 0.0, width - 1.0)
+    wy = np.clip(y, 0.0, height - 1.0)
+
+    first, second = _pairs_within(x, y, radius)
+    labels = _components(n, first, second)
+    _, cluster_of = np.unique(labels, return_inverse=True)
+    order = np.argsort(cluster_of, kind="stable")
+    bounds = np.flatnonzero(np.diff(cluster_of[order])) + 1
+    clusters = np.split(order, bounds)
+
+    x_order = np.argsort(x, kind="stable")
+    x_sorted = x[x_order]
+    is_member = np.zeros(n, dtype=bool)
+
+    regions = []
+    for group, cluster in enumerate(clusters):
+        stack = [cluster]
+        while stack:
+            idx = stack.pop()
+            window = _window(wx[idx], wy[idx], margin, (height, width))
+            too_tall = window[1] - window[0] > max_window
+            too_wide = window[3] - window[2] > max_window
+            if idx.size > max_sources or ((too_tall or too_wide) and idx.size > 1):
+                low, high = _bisect(idx, wx, wy)
+                stack.extend([high, low])
+                continue
+            if too_tall or too_wide:
+                window = _centred_window(wx[idx[0]], wy[idx[0]], max_window, (height, width))
+            members = np.sort(idx)
+            neighbours = _neighbours(
+                window,
+                members,
+                x,
+                y,
+                (x_order, x_sorted),
+                margin,
+                max_total - members.size,
+                sigma=sigma,
+                weight=weight,
+                scratch=is_member,
+            )
+            regions.append(Region(window, members, neighbours, group))
+    return regions
+
+
+def _neighbours(window, members, x, y, by_x, reach, room, *, sigma, weight, scratch):
+    """Non-members within `reach` of the window, best `room` of them (see `group_sources`)."""
+    x_order, x_sorted = by_x
+    row0, row1, col0, col1 = window
+    lo = np.searchsorted(x_sorted, col0 - reach, side="left")
+    hi = np.searchsorted(x_sorted, col1 - 1 + reach, side="right")
+    cand = x_order[lo:hi]
+    cand = cand[(y[cand] >= row0 - reach) & (y[cand] <= row1 - 1 + reach)]
+    scratch[members] = True
+    cand = cand[~scratch[cand]]
+    scratch[members] = False
+    if cand.size == 0 or room <= 0:
+        return np.zeros(0, dtype=np.intp)
+    dx = np.maximum.reduce([col0 - x[cand], np.zeros(cand.size), x[cand] - (col1 - 1)])
+    dy = np.maximum.reduce([row0 - y[cand], np.zeros(cand.size), y[cand] - (row1 - 1)])
+    d2 = dx * dx + dy * dy
+    if cand.size > room:
+        if weight is None:
+            rank = np.lexsort((cand, d2))
+        else:
+            rank = np.lexsort((cand, -weight[cand] * np.exp(-0.5 * d2 / (sigma * sigma))))
+        cand = cand[rank[:room]]
+    return np.sort(cand).astype(np.intp)
+
+
+def _round_up(value: int, buckets: Sequence[int]) -> int:
+    """Smallest bucket holding `value`; past the largest, the next multiple of the largest."""
+    ordered = sorted(int(b) for b in buckets)
+    for b in ordered:
+        if value <= b:
+            return b
+    return ordered[-1] * math.ceil(value / ordered[-1])
+
+
+def bucket_regions(
+    regions: Sequence[Region],
+    *,
+    k_buckets: Sequence[int] = (1, 2, 4, 8, 16),
+    size_buckets: Sequence[int] = (8, 12, 16, 24, 32, 48, 64),
+) -> dict[tuple[int, int, int], list[int]]:
+    """Sort regions into a few padded shapes, so that a whole image compiles a handful of programs.
+
+    A region's key is `(K, H, W)`: its number of sources (members plus neighbours) and its window
+    height and width, each rounded up to the smallest bucket that holds it (past the largest
+    bucket, to the next multiple of the largest). The padding is filled later: unused source
+    slots are switched off, unused pixels masked (`pad_window`).
+
+    **Arguments:**
+
+    - `regions`: the regions, e.g. from `group_sources`.
+    - `k_buckets`: allowed numbers of sources per region.
+    - `size_buckets`: allowed window sides in pixels.
+
+    **Returns:** a dict from `(K, H, W)` to the list of indices into `regions` in that bucket;
+    every region appears exactly once.
+
+    >>> regions = group_sources([10.0, 13.0, 60.0], [10.0, 11.0, 40.0], 2.0, (64, 80))
+    >>> bucket_regions(regions)
+    {(2, 16, 16): [0], (1, 16, 16): [1]}
+    """
+    buckets: dict[tuple[int, int, int], list[int]] = {}
+    for i, region in enumerate(regions):
+        height, width = region.shape
+        key = (
+            _round_up(region.members.size + region.neighbours.size, k_buckets),
+            _round_up(height, size_buckets),
+            _round_up(width, size_buckets),
+        )
+        buckets.setdefault(key, []).append(i)
+    return buckets
+
+
+def pad_windows(
+    image, windows, shape: tuple[int, int], mask=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop several windows of an image into one padded `(B, H, W)` batch.
+
+    Each crop sits at the top-left of its `(H, W)` slot. Pixels of the padding, pixels of the
+    window that fall outside the image, masked pixels and non-finite pixels are zero in the batch
+    and `False` in its mask.
+
+    **Arguments:**
+
+    - `image`: the `(H_img, W_img)` image.
+    - `windows`: `(B, 4)` windows `(row0, row1, col0, col1)`, half-open; they may reach past the
+      image edges.
+    - `shape`: `(H, W)` of the padded crops; no window may be bigger.
+    - `mask`: optional `(H_img, W_img)` booleans, `True` where a pixel is valid.
+
+    **Returns:** `(images, masks, origins)`: the `(B, H, W)` crops, the `(B, H, W)` boolean masks,
+    and the `(B, 2)` int origins `(row0, col0)` — image coordinates are window coordinates plus
+    the origin.
+
+    >>> import numpy as np
+    >>> windows = [(0, 3, 0, 3), (8, 12, 8, 12)]
+    >>> crops, masks, origins = pad_windows(np.ones((10, 10)), windows, (4, 4))
+    >>> crops.shape, int(masks[0].sum()), int(masks[1].sum()), origins[1].tolist()
+    ((2, 4, 4), 9, 4, [8, 8])
+    """
+    img = np.asarray(image)
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
+    if not np.issubdtype(img.dtype, np.floating):
+        img = img.astype(np.float64)
+    img_h, img_w = img.shape
+    out_h, out_w = int(shape[0]), int(shape[1])
+    w = np.asarray(windows, dtype=np.intp).reshape(-1, 4)
+    row0, row1, col0, col1 = w.T
+    if np.any(row1 - row0 > out_h) or np.any(col1 - col0 > out_w):
+        raise ValueError(f"a window is larger than the padded shape {(out_h, out_w)}")
+    rows = row0[:, None] + np.arange(out_h)[None, :]
+    cols = col0[:, None] + np.arange(out_w)[None, :]
+    ok_r = (rows < row1[:, None]) & (rows >= 0) & (rows < img_h)
+    ok_c = (cols < col1[:, None]) & (cols >= 0) & (cols < img_w)
+    rr = np.clip(rows, 0, img_h - 1)[:, :, None]
+    cc = np.clip(cols, 0, img_w - 1)[:, None, :]
+    crops = img[rr, cc]
+    valid = ok_r[:, :, None] & ok_c[:, None, :] & np.isfinite(crops)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != img.shape:
+            raise ValueError(f"mask shape {mask.shape} does not match image shape {img.shape}")
+        valid &= mask[rr, cc]
+    crops = np.where(valid, crops, 0).astype(img.dtype, copy=False)
+    return crops, valid, np.stack([row0, col0], axis=1)
+
+
+def pad_window(
+    image, window: tuple[int, int, int, int], shape: tuple[int, int], mask=None
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Crop one window of an image, padded to `(H, W)`.
+
+    **Arguments:**
+
+    - `image`: the `(H_img, W_img)` image.
+    - `window`: `(row0, row1, col0, col1)`, half-open; it may reach past the image edges.
+    - `shape`: `(H, W)` of the padded crop, at least the window's size.
+    - `mask`: optional `(H_img, W_img)` booleans, `True` where a pixel is valid.
+
+    **Returns:** `(padded_image, padded_mask, origin)`: the `(H, W)` crop (zero where invalid),
+    its `(H, W)` mask, `False` on the padding, outside the image and on masked pixels, and
+    `origin = (row0, col0)`, so that image coordinates = window coordinates + origin.
+
+    >>> import numpy as np
+    >>> crop, valid, origin = pad_window(np.arange(25.0).reshape(5, 5), (3, 5, 3, 5), (4, 4))
+    >>> crop[:2, :2].tolist(), int(valid.sum()), origin
+    ([[18.0, 19.0], [23.0, 24.0]], 4, (3, 3))
+    """
+    crops, valid, origins = pad_windows(image, [window], shape, mask)
+    return crops[0], valid[0], (int(origins[0, 0]), int(origins[0, 1]))
