@@ -53,19 +53,22 @@ make_venv "$PICASSO"
 echo ">>> checking imports"
 "$PEERS/bin/python" - <<'EOF'
 import importlib
-for m in ["numpy", "scipy", "skimage", "astropy", "photutils", "crowdsource", "tqdm"]:
-    mod = importlib.import_module(m)
-    print(f"  peers:   {m:12s} {getattr(mod, '__version__', '?')}")
+import importlib.metadata as md
+dists = {"numpy": "numpy", "scipy": "scipy", "skimage": "scikit-image", "astropy": "astropy",
+         "photutils": "photutils", "crowdsource": "crowdsourcephoto", "tqdm": "tqdm"}
+for m, dist in dists.items():
+    importlib.import_module(m)
+    print(f"  peers:   {dist:16s} {md.version(dist)}")
 try:
     import crowdfit  # noqa: F401
-    print("  peers:   crowdfit     importable")
+    print("  peers:   crowdfit         importable")
 except Exception as e:  # crowdfit may be mid-rewrite; peers do not need it
-    print(f"  peers:   crowdfit     NOT importable ({type(e).__name__}: {e})")
+    print(f"  peers:   crowdfit         NOT importable ({type(e).__name__}: {e})")
 EOF
 "$PICASSO/bin/python" - <<'EOF'
 import importlib.metadata as md
 import numpy, numba
 from picasso import gaussmle  # noqa: F401
-print(f"  picasso: picassosr    {md.version('picassosr')}  numpy {numpy.__version__}  numba {numba.__version__}")
+print(f"  picasso: picassosr        {md.version('picassosr')}  numpy {numpy.__version__}  numba {numba.__version__}")
 EOF
 echo ">>> done"

@@ -358,8 +358,9 @@ def matched_filter(image, sigma: float, mask=None, *, background=None) -> np.nda
     return flux
 
 
-def _subpixel_offset(fm: np.ndarray, f0: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    """Vertex of the parabola through the log of three samples (a Gaussian peak exactly)."""
+def _subpixel_offset(fm: np.ndarray, f0: np.ndarray, fp: np.ndarray, step: int) -> np.ndarray:
+    """Vertex of the parabola through the log of samples at `-step, 0, +step` (exact for a
+    Gaussian peak); NaN where a sample is missing."""
     positive = (fm > 0) & (f0 > 0) & (fp > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         lm, l0, lp = (np.log(np.where(positive, v, 1.0)) for v in (fm, f0, fp))
@@ -367,9 +368,17 @@ def _subpixel_offset(fm: np.ndarray, f0: np.ndarray, fp: np.ndarray) -> np.ndarr
         g0 = np.where(positive, l0, f0)
         gp = np.where(positive, lp, fp)
         curvature = gm - 2.0 * g0 + gp
-        offset = np.where(curvature < 0, 0.5 * (gm - gp) / curvature, 0.0)
-    offset = np.where(np.isfinite(offset), offset, 0.0)
-    return np.clip(offset, -0.5, 0.5)
+        offset = np.where(curvature < 0, 0.5 * step * (gm - gp) / curvature, 0.0)
+    return np.clip(offset, -1.0, 1.0)
+
+
+def _discrete_overlap(sigma_a: float, sigma_b: float) -> float:
+    """`Σ P_a P_b / Σ P_b²` on the pixel grid, for centred unit-flux Gaussians `P_a`, `P_b`."""
+    half = math.ceil(4.0 * max(sigma_a, sigma_b))
+    d = np.arange(-half, half + 1, dtype=np.float64)
+    ga = np.exp(-0.5 * (d / sigma_a) ** 2)
+    gb = np.exp(-0.5 * (d / sigma_b) ** 2)
+    return float(sigma_b**2 / sigma_a**2 * (np.sum(ga * gb) / np.sum(gb * gb)) ** 2)
 
 
 def _render_gaussians(shape, x, y, flux, sigma: float) -> np.ndarray:
@@ -385,6 +394,14 @@ def _render_gaussians(shape, x, y, flux, sigma: float) -> np.ndarray:
     flat = rows[:, :, None] * width + cols[:, None, :]
     image = np.bincount(flat[inside], weights=values[inside], minlength=height * width)
     return image.reshape(height, width)
+
+
+def _sample(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """`values[rows, cols]`, NaN outside the image and where not finite."""
+    height, width = values.shape
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    v = values[np.clip(rows, 0, height - 1), np.clip(cols, 0, width - 1)]
+    return np.where(inside & np.isfinite(v), v, np.nan)
 
 
 def _find_peaks(img, valid, bg, noise, sigma, sharpen, threshold, peak_options):
@@ -412,20 +429,58 @@ def _find_peaks(img, valid, bg, noise, sigma, sharpen, threshold, peak_options):
         peaks = peaks[snr[peaks[:, 0], peaks[:, 1]] > threshold]
     r, c = peaks[:, 0], peaks[:, 1]
     height, width = img.shape
+    snr_valid = np.where(valid, snr, -np.inf)
 
-    def sample(rr, cc):
-        inside = (rr >= 0) & (rr < height) & (cc >= 0) & (cc < width)
-        v = snr_peak[np.clip(rr, 0, height - 1), np.clip(cc, 0, width - 1)]
-        return np.where(inside & np.isfinite(v), v, np.nan)
+    # Where edges or masks cut the narrower kernel its S/N peak is pulled inwards (by up to σ/2),
+    # so those peaks climb to the matched filter's peak, the maximum-likelihood position.
+    edge = np.zeros(r.size, dtype=bool)
+    if sharpen != 1.0 and r.size:
+        taps = _gaussian_taps(sigma_peak, power=2)
+        full = (np.sum(taps) / (2.0 * math.pi * sigma_peak**2)) ** 2
+        edge = info_peak[r, c] < 0.99 * full
+        r, c = r.copy(), c.copy()
+        for _ in range(math.ceil(sigma)):
+            rr, cc = r[edge], c[edge]
+            shifts = [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)]
+            values = np.stack([_sample(snr_valid, rr + i, cc + j) for i, j in shifts])
+            best = np.argmax(np.where(np.isnan(values), -np.inf, values), axis=0)
+            step = np.array(shifts)[best]
+            r[edge], c[edge] = rr + step[:, 0], cc + step[:, 1]
+        # Two peaks may have climbed to the same pixel.
+        _, first = np.unique(r * width + c, return_index=True)
+        keep = np.zeros(r.size, dtype=bool)
+        keep[first] = True
+        r, c, edge = r[keep], c[keep], edge[keep]
 
-    s0 = snr_peak[r, c]
-    # A missing neighbour (edge or mask) gives NaN and so an offset of 0 along that axis.
-    dx = _subpixel_offset(sample(r, c - 1), s0, sample(r, c + 1))
-    dy = _subpixel_offset(sample(r - 1, c), s0, sample(r + 1, c))
+    def offsets(values, dr, dc, width_map):
+        # Samples a few pixels out for a broad peak, whose curvature over ±1 px drowns in noise;
+        # ±1 px where those are missing (edges, masks), and no offset where even those are.
+        offset = np.zeros(r.size)
+        for step in sorted({1, max(1, int(width_map / 2))}):
+            o = _subpixel_offset(
+                _sample(values, r - step * dr, c - step * dc),
+                values[r, c],
+                _sample(values, r + step * dr, c + step * dc),
+                step,
+            )
+            offset = np.where(np.isfinite(o), o, offset)
+        return offset
+
+    sharp_width = math.sqrt(sigma * sigma + sigma_peak * sigma_peak)
+    dx = offsets(snr_peak, 0, 1, sharp_width)
+    dy = offsets(snr_peak, 1, 0, sharp_width)
+    if np.any(edge):
+        dx = np.where(edge, offsets(snr_valid, 0, 1, math.sqrt(2.0) * sigma), dx)
+        dy = np.where(edge, offsets(snr_valid, 1, 0, math.sqrt(2.0) * sigma), dy)
     d2 = dx * dx + dy * dy
     width2 = sigma * sigma + sigma_peak * sigma_peak
-    # The least-squares flux with the narrower PSF is `2 ρ²σ² / (σ² + ρ²σ²)` of the true one.
-    flux_guess = flux_peak[r, c] * width2 / (2.0 * sigma_peak**2) * np.exp(0.5 * d2 / width2)
+    # The least-squares flux with the narrower PSF recovers only part of a source's flux; it is
+    # used for its lesser share of the neighbours' light, except where edges cut the kernel.
+    flux_guess = np.where(
+        edge,
+        flux[r, c] * np.exp(d2 / (4.0 * sigma * sigma)),
+        flux_peak[r, c] / _discrete_overlap(sigma, sigma_peak) * np.exp(0.5 * d2 / width2),
+    )
     out = {
         "x": c + dx,
         "y": r + dy,
@@ -461,13 +516,15 @@ def detect(
     Gaussian, `sharpen · σ` wide (`sharpen=1` uses the matched filter itself): local maxima of it
     (`skimage.feature.peak_local_max`) that are significant in both maps. On simulated crowds of
     σ = 2 spots this recovers 1.5× as many sources within 1 px and makes a third as many blends.
-    Masked pixels never produce a peak.
+    Where an edge or a mask cuts the narrower kernel, its peak is pulled inwards, so there the
+    position climbs to the matched filter's own peak. Masked pixels never produce a peak.
 
     Positions are refined to sub-pixel by a parabola through the log of the 3 samples along each
-    axis (exact for a Gaussian peak). `flux_guess` is the least-squares flux of a source at the
-    peak, corrected for the narrower PSF and the sub-pixel offset: for an isolated Gaussian
-    source it is its flux `A · 2πσ²` (`A` the amplitude); in a blend it includes some of the
-    neighbours' light.
+    axis (exact for a Gaussian peak; the samples are taken about `width / 2` px out for a broad
+    peak, whose curvature over ±1 px is lost in the noise). `flux_guess` is the least-squares flux
+    of a source at the peak, corrected for the narrower PSF and the sub-pixel offset: for an
+    isolated Gaussian source it is its flux `A · 2πσ²` (`A` the amplitude), also when cut by an
+    edge; in a blend it includes some of the neighbours' light.
 
     Without `background`, it is estimated, the sources detected, and the background estimated
     again with the detected sources subtracted and their cores masked, which removes most of the

@@ -105,37 +105,20 @@ def _components(n: int, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         np.minimum.at(parent, np.maximum(a, b), np.minimum(a, b))
 
 
-def _window(
-    x: np.ndarray, y: np.ndarray, margin: int, shape: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """Bounding box of the positions widened by `margin` pixels, clipped to the image."""
-    height, width = shape
-    row0 = max(0, math.floor(float(y.min())) - margin)
-    row1 = min(height, math.ceil(float(y.max())) + margin + 1)
-    col0 = max(0, math.floor(float(x.min())) - margin)
-    col1 = min(width, math.ceil(float(x.max())) + margin + 1)
-    return row0, row1, col0, col1
-
-
-def _centred_window(x: float, y: float, size: int, shape: tuple[int, int]):
-    height, width = shape
-    row0 = round(y) - size // 2
-    col0 = round(x) - size // 2
-    return max(0, row0), min(height, row0 + size), max(0, col0), min(width, col0 + size)
-
-
-def _bisect(idx: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split sources in two along the longer side of their spread, at the widest middle gap."""
-    px, py = x[idx], y[idx]
-    coord = px if np.ptp(px) >= np.ptp(py) else py
+def _bisect(idx: np.ndarray, coord: np.ndarray, slack: float) -> tuple[np.ndarray, np.ndarray]:
+    """Split sources in two along `coord`, their longer side (see `group_sources`)."""
     order = np.argsort(coord, kind="stable")
     ordered = coord[order]
     n = idx.size
+    middle = n // 2
     quarter = max(1, math.ceil(n / 4))
-    cuts = np.arange(quarter, n - quarter + 1)
-    if cuts.size == 0:
-        cuts = np.array([n // 2])
-    cut = int(cuts[np.argmax(ordered[cuts] - ordered[cuts - 1])])
+    cuts = np.arange(quarter, max(quarter, n - quarter) + 1)
+    gaps = ordered[cuts] - ordered[cuts - 1]
+    best = int(np.argmax(gaps))
+    # Off the median only for a clearly wider gap: cutting through an empty lane separates sources
+    # that barely interact, while a lopsided cut makes more, smaller regions.
+    median_gap = ordered[middle] - ordered[middle - 1]
+    cut = int(cuts[best]) if gaps[best] > median_gap + slack else middle
     return idx[order[:cut]], idx[order[cut:]]
 
 
@@ -162,10 +145,12 @@ def group_sources(
     A cluster becomes one region with window = bounding box of its members ± `margin` (clipped to
     the image), unless it holds more than `max_sources` members or that window would be wider or
     taller than `max_window`; then it is bisected recursively along the longer side of its
-    members' spread, at the widest gap between the first and last quarter of them, until every
-    part fits. A lone source whose window would exceed `max_window` gets a window of `max_window`
-    centred on it. So in a dense field where everything connects into one giant cluster the
-    regions stay small, and the cost stays linear in the number of sources.
+    members' spread, until every part fits. The cut goes at the median, unless a gap between the
+    first and last quarter of them is wider than the median's gap by more than σ: then through
+    the widest such gap, where the two sides barely interact. A lone source whose window would
+    exceed `max_window` gets a window of `max_window` centred on it. So in a dense field where
+    everything connects into one giant cluster the regions stay small, and the cost stays
+    linear in the number of sources.
 
     Every source is a member of exactly one region. A region's `neighbours` are the other sources
     within `margin` of its window (whose light reaches it), of any cluster, nearest first: they are
@@ -196,6 +181,8 @@ def group_sources(
     y = np.asarray(y, dtype=np.float64).ravel()
     if x.shape != y.shape:
         raise ValueError(f"x and y differ in size: {x.size} and {y.size}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("source positions must be finite")
     sigma = float(sigma)
     height, width = int(shape[0]), int(shape[1])
     radius = 2.0 * _FWHM_PER_SIGMA * sigma if radius is None else float(radius)
@@ -217,67 +204,160 @@ def group_sources(
     labels = _components(n, first, second)
     _, cluster_of = np.unique(labels, return_inverse=True)
     order = np.argsort(cluster_of, kind="stable")
-    bounds = np.flatnonzero(np.diff(cluster_of[order])) + 1
-    clusters = np.split(order, bounds)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(cluster_of[order])) + 1])
+    windows = _windows(order, starts, wx, wy, margin, (height, width))
+    counts = np.diff(np.append(starts, n))
+    fits = (counts <= max_sources) & (np.max(_sides(windows), axis=1) <= max_window)
+    fits |= counts == 1
 
-    x_order = np.argsort(x, kind="stable")
-    x_sorted = x[x_order]
-    is_member = np.zeros(n, dtype=bool)
-
-    regions = []
-    for group, cluster in enumerate(clusters):
+    # Only the clusters that do not fit are split, one at a time; the rest stay as they are.
+    leaves, groups = [], []
+    for group, (begin, count) in enumerate(zip(starts, counts, strict=True)):
+        cluster = order[begin : begin + count]
+        if fits[group]:
+            leaves.append(cluster)
+            groups.append(group)
+            continue
         stack = [cluster]
         while stack:
             idx = stack.pop()
-            window = _window(wx[idx], wy[idx], margin, (height, width))
-            too_tall = window[1] - window[0] > max_window
-            too_wide = window[3] - window[2] > max_window
-            if idx.size > max_sources or ((too_tall or too_wide) and idx.size > 1):
-                low, high = _bisect(idx, wx, wy)
+            px, py = wx[idx], wy[idx]
+            x0, x1, y0, y1 = float(px.min()), float(px.max()), float(py.min()), float(py.max())
+            tall = min(height, math.ceil(y1) + margin + 1) - max(0, math.floor(y0) - margin)
+            wide = min(width, math.ceil(x1) + margin + 1) - max(0, math.floor(x0) - margin)
+            if idx.size > max_sources or (idx.size > 1 and max(tall, wide) > max_window):
+                low, high = _bisect(idx, px if x1 - x0 >= y1 - y0 else py, slack=sigma)
                 stack.extend([high, low])
-                continue
-            if too_tall or too_wide:
-                window = _centred_window(wx[idx[0]], wy[idx[0]], max_window, (height, width))
-            members = np.sort(idx)
-            neighbours = _neighbours(
-                window,
-                members,
-                x,
-                y,
-                (x_order, x_sorted),
-                margin,
-                max_total - members.size,
-                sigma=sigma,
-                weight=weight,
-                scratch=is_member,
-            )
-            regions.append(Region(window, members, neighbours, group))
-    return regions
+            else:
+                leaves.append(idx)
+                groups.append(group)
+
+    members = [np.sort(leaf) for leaf in leaves]
+    flat = np.concatenate(members)
+    leaf_starts = np.cumsum([0] + [m.size for m in members[:-1]])
+    windows = _windows(flat, leaf_starts, wx, wy, margin, (height, width))
+    # A lone source with a margin wider than `max_window` gets a window centred on it.
+    wide = np.max(_sides(windows), axis=1) > max_window
+    if np.any(wide):
+        lone = flat[leaf_starts[wide]]
+        windows[wide] = _centred_windows(wx[lone], wy[lone], max_window, (height, width))
+    member_of = np.empty(n, dtype=np.intp)
+    member_of[flat] = np.repeat(np.arange(len(members)), [m.size for m in members])
+    room = max_total - np.array([m.size for m in members])
+    neighbours = _neighbours(windows, member_of, x, y, margin, room, sigma=sigma, weight=weight)
+    return [
+        Region(tuple(window), m, nb, g)
+        for window, m, nb, g in zip(windows.tolist(), members, neighbours, groups, strict=True)
+    ]
 
 
-def _neighbours(window, members, x, y, by_x, reach, room, *, sigma, weight, scratch):
-    """Non-members within `reach` of the window, best `room` of them (see `group_sources`)."""
-    x_order, x_sorted = by_x
-    row0, row1, col0, col1 = window
-    lo = np.searchsorted(x_sorted, col0 - reach, side="left")
-    hi = np.searchsorted(x_sorted, col1 - 1 + reach, side="right")
-    cand = x_order[lo:hi]
-    cand = cand[(y[cand] >= row0 - reach) & (y[cand] <= row1 - 1 + reach)]
-    scratch[members] = True
-    cand = cand[~scratch[cand]]
-    scratch[members] = False
-    if cand.size == 0 or room <= 0:
-        return np.zeros(0, dtype=np.intp)
-    dx = np.maximum.reduce([col0 - x[cand], np.zeros(cand.size), x[cand] - (col1 - 1)])
-    dy = np.maximum.reduce([row0 - y[cand], np.zeros(cand.size), y[cand] - (row1 - 1)])
+def _sides(windows: np.ndarray) -> np.ndarray:
+    """`(R, 2)` heights and widths of `(R, 4)` windows."""
+    return np.stack([windows[:, 1] - windows[:, 0], windows[:, 3] - windows[:, 2]], axis=1)
+
+
+def _windows(flat, starts, x, y, margin: int, shape) -> np.ndarray:
+    """`(R, 4)` windows: bounding box ± `margin` of each run of `flat` from `starts`, clipped."""
+    height, width = shape
+    px, py = x[flat], y[flat]
+    row0 = np.floor(np.minimum.reduceat(py, starts)).astype(np.intp) - margin
+    row1 = np.ceil(np.maximum.reduceat(py, starts)).astype(np.intp) + margin + 1
+    col0 = np.floor(np.minimum.reduceat(px, starts)).astype(np.intp) - margin
+    col1 = np.ceil(np.maximum.reduceat(px, starts)).astype(np.intp) + margin + 1
+    return np.stack(
+        [
+            np.maximum(row0, 0),
+            np.minimum(row1, height),
+            np.maximum(col0, 0),
+            np.minimum(col1, width),
+        ],
+        axis=1,
+    )
+
+
+def _centred_windows(x, y, size: int, shape) -> np.ndarray:
+    """`(R, 4)` windows of `size` pixels centred on each position, clipped."""
+    height, width = shape
+    row0 = np.round(y).astype(np.intp) - size // 2
+    col0 = np.round(x).astype(np.intp) - size // 2
+    return np.stack(
+        [
+            np.maximum(row0, 0),
+            np.minimum(row0 + size, height),
+            np.maximum(col0, 0),
+            np.minimum(col0 + size, width),
+        ],
+        axis=1,
+    )
+
+
+def _expand_ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges `[lo[i], hi[i])`: the owner `i` and the value of every element, concatenated."""
+    counts = np.maximum(hi - lo, 0)
+    owner = np.repeat(np.arange(lo.size), counts)
+    offset = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, lo[owner] + offset
+
+
+def _neighbours(windows, member_of, x, y, reach, room, *, sigma, weight) -> list[np.ndarray]:
+    """Per region, the non-members within `reach` of its window, best `room` of them.
+
+    All regions at once: sources are hashed onto a grid, each region's widened window visits
+    the cells it overlaps, and the candidates are ranked per region (see `group_sources`).
+    """
+    n_regions = windows.shape[0]
+    cell = max(8.0, 2.0 * reach)
+    cx = np.floor(x / cell).astype(np.int64)
+    cy = np.floor(y / cell).astype(np.int64)
+    cx0, cy0 = cx.min(), cy.min()
+    ncols, nrows = int(cx.max() - cx0) + 1, int(cy.max() - cy0) + 1
+    key = (cy - cy0) * ncols + (cx - cx0)
+    by_key = np.argsort(key, kind="stable")
+    sorted_key = key[by_key]
+
+    lo_x = windows[:, 2] - reach
+    hi_x = windows[:, 3] - 1 + reach
+    lo_y = windows[:, 0] - reach
+    hi_y = windows[:, 1] - 1 + reach
+    qx0 = np.clip(np.floor(lo_x / cell).astype(np.int64) - cx0, 0, ncols - 1)
+    qx1 = np.clip(np.floor(hi_x / cell).astype(np.int64) - cx0, 0, ncols - 1)
+    qy0 = np.clip(np.floor(lo_y / cell).astype(np.int64) - cy0, 0, nrows - 1)
+    qy1 = np.clip(np.floor(hi_y / cell).astype(np.int64) - cy0, 0, nrows - 1)
+    span_x = qx1 - qx0 + 1
+    n_cells = span_x * (qy1 - qy0 + 1)
+    region, local = _expand_ranges(np.zeros(n_regions, np.int64), n_cells)
+    cell_key = (
+        (qy0[region] + local // span_x[region]) * ncols + qx0[region] + local % span_x[region]
+    )
+    first = np.searchsorted(sorted_key, cell_key, side="left")
+    last = np.searchsorted(sorted_key, cell_key, side="right")
+    owner, position = _expand_ranges(first, last)
+    region = region[owner]
+    source = by_key[position]
+
+    keep = (x[source] >= lo_x[region]) & (x[source] <= hi_x[region])
+    keep &= (y[source] >= lo_y[region]) & (y[source] <= hi_y[region])
+    keep &= member_of[source] != region
+    region, source = region[keep], source[keep]
+
+    dx = np.maximum(
+        np.maximum(windows[region, 2] - x[source], 0.0), x[source] - windows[region, 3] + 1
+    )
+    dy = np.maximum(
+        np.maximum(windows[region, 0] - y[source], 0.0), y[source] - windows[region, 1] + 1
+    )
     d2 = dx * dx + dy * dy
-    if cand.size > room:
-        if weight is None:
-            rank = np.lexsort((cand, d2))
-        else:
-            rank = np.lexsort((cand, -weight[cand] * np.exp(-0.5 * d2 / (sigma * sigma))))
-        cand = cand[rank[:room]]
-    return np.sort(cand).astype(np.intp)
+    score = d2 if weight is None else -weight[source] * np.exp(-0.5 * d2 / (sigma * sigma))
+    ranked = np.lexsort((source, score, region))
+    region, source = region[ranked], source[ranked]
+    per_region = np.bincount(region, minlength=n_regions)
+    rank = np.arange(region.size) - np.repeat(np.cumsum(per_region) - per_region, per_region)
+    keep = rank < room[region]
+    region, source = region[keep], source[keep]
+
+    ordered = np.lexsort((source, region))
+    region, source = region[ordered], source[ordered].astype(np.intp)
+    return np.split(source, np.cumsum(np.bincount(region, minlength=n_regions))[:-1])
 
 
 def _round_up(value: int, buckets: Sequence[int]) -> int:

@@ -161,8 +161,8 @@ def test_detect_snr_is_in_filtered_noise_units():
     rng = np.random.default_rng(7)
     image = render((128, 128), [61.7], [60.2]) + rng.normal(OFFSET, NOISE, (128, 128))
     found = detect(image, SIGMA)
-    assert found["x"].size == 1
-    # S/N of a matched filter on white noise: flux / (noise · 2√π σ) = A √π σ / noise (35.4),
+    assert abs(found["x"][0] - 61.7) < 0.5 and abs(found["y"][0] - 60.2) < 0.5
+    # S/N of a matched filter on white noise: flux / (noise · 2√π σ) = A √π σ / noise (70.9),
     # give or take 1 for the noise on the peak and 2 % for the noise estimate.
     expected = AMPLITUDE * math.sqrt(math.pi) * SIGMA / NOISE
     assert found["snr"][0] == pytest.approx(expected, rel=0.12)
@@ -208,6 +208,21 @@ def test_detect_border_spots():
     assert np.all(to_found < 1.0)
     assert np.all(to_true < 1.5)
     assert detect(image, SIGMA, exclude_border=3)["x"].size == 0
+
+
+def test_detect_border_spots_broad_psf():
+    # Where the edge cuts the kernels, positions and fluxes still come out right.
+    shape, sigma = (80, 120), 4.0
+    x = np.array([0.0, 40.3, 119.0, 80.0, 60.0])
+    y = np.array([40.0, 0.4, 20.0, 79.0, 40.0])
+    rng = np.random.default_rng(15)
+    image = render(shape, x, y, sigma=sigma) + rng.normal(OFFSET, NOISE, shape)
+    found = detect(image, sigma)
+    to_found, to_true = match(x, y, found["x"], found["y"])
+    assert np.all(to_found < 1.0) and found["x"].size == x.size
+    nearest = np.argmin(np.hypot(x[:, None] - found["x"], y[:, None] - found["y"]), axis=1)
+    flux = AMPLITUDE * 2 * math.pi * sigma**2
+    np.testing.assert_allclose(found["flux_guess"][nearest] / flux, 1.0, atol=0.1)
 
 
 def test_detect_max_sources_and_background_argument():

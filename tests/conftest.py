@@ -1,0 +1,36 @@
+"""Shared test set-up: strict JAX, float64 on demand, and small helpers."""
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture
+def x64():
+    """Run a test in float64 (restored afterwards)."""
+    with jax.enable_x64(True):
+        yield
+
+
+def tree_allclose(a, b, **kw):
+    """True when two pytrees have the same structure and all leaves are close."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    return ta == tb and all(np.allclose(x, y, **kw) for x, y in zip(la, lb, strict=True))
+
+
+def render(psf, params, shape):
+    """`(B, H, W)` noiseless images of `(B, K)` sources plus `params["background"]` `(B,)`,
+    rendered with numpy broadcasting of the library's PSF (an independent path from the fitter's
+    per-source Jacobian code)."""
+    import crowdfit
+
+    psf = crowdfit.get_psf(psf)
+    h, w = shape
+    x = np.arange(w, dtype=float)[None, None, None, :]
+    y = np.arange(h, dtype=float)[None, None, :, None]
+    p = {n: np.asarray(v, float)[:, :, None, None] for n, v in params.items() if n != "background"}
+    img = np.asarray(psf(p, x, y)).sum(1)
+    return img + np.asarray(params["background"], float)[:, None, None]

@@ -1,0 +1,347 @@
+"""fit_regions: joint recovery of overlapping sources, calibrated errors, transformations, bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import render, tree_allclose
+
+import crowdfit
+from crowdfit import _fit
+
+SHAPE = (16, 16)
+SIGMA = 2.0
+
+
+def _group(n_regions, n_sources, sep, rng, shape=SHAPE, sigma=SIGMA, flux=3000.0):
+    """Sources on a ring of diameter `sep` about the window centre, random orientation."""
+    h, w = shape
+    angle = rng.uniform(0, 2 * np.pi, (n_regions, 1)) + 2 * np.pi * np.arange(n_sources) / max(
+        n_sources, 1
+    )
+    r = sep / (2 * np.sin(np.pi / n_sources)) if n_sources > 1 else 0.0
+    cx = (w - 1) / 2 + rng.uniform(-0.5, 0.5, (n_regions, 1))
+    cy = (h - 1) / 2 + rng.uniform(-0.5, 0.5, (n_regions, 1))
+    return {
+        "x": cx + r * np.cos(angle),
+        "y": cy + r * np.sin(angle),
+        "flux": flux * rng.uniform(0.7, 1.3, (n_regions, n_sources)),
+        "sigma": np.full((n_regions, n_sources), sigma),
+    }
+
+
+def _start(truth, rng, bg=0.0):
+    n = truth["x"].shape[0]
+    init = {k: v.copy() for k, v in truth.items()}
+    init["x"] = truth["x"] + rng.normal(0, 0.3, truth["x"].shape)
+    init["y"] = truth["y"] + rng.normal(0, 0.3, truth["y"].shape)
+    init["flux"] = truth["flux"] * 0.8
+    init["background"] = np.full(n, bg)
+    return init
+
+
+def _shape_params(psf, truth):
+    """Adapt circular truth to the parameters of `psf`."""
+    t = dict(truth)
+    names = crowdfit.get_psf(psf).params
+    if "sigma_x" in names:
+        s = t.pop("sigma")
+        t["sigma_x"], t["sigma_y"] = s * 1.1, s * 0.9
+    if "angle" in names:
+        t["angle"] = np.full_like(t["x"], 0.4)
+    return t
+
+
+def _pulls(res, truth, names, ok):
+    return {n: ((np.asarray(res.params[n]) - truth[n]) / np.asarray(res.errors[n]))[ok] for n in names}
+
+
+PSFS = list(crowdfit.PSF_NAMES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise", ["gaussian", "poisson"])
+@pytest.mark.parametrize("psf", PSFS)
+def test_pairs_recovered_within_errors(psf, noise):
+    rng = np.random.default_rng(hash((psf, noise)) % 2**32)
+    n = 512
+    truth = _shape_params(psf, _group(n, 2, 1.5 * SIGMA, rng))
+    bg = 10.0
+    mu = render(psf, {**truth, "background": np.full(n, bg)}, SHAPE)
+    if noise == "poisson":
+        img = rng.poisson(mu).astype(np.float32)
+    else:
+        img = (mu + rng.normal(0, 5.0, mu.shape)).astype(np.float32)
+    shape_names = [k for k in truth if k.startswith("sigma") or k == "angle"]
+    res = crowdfit.fit_regions(
+        img, _start(truth, rng, bg=5.0), psf=psf, noise=noise, fixed=shape_names
+    )
+    ok = np.asarray(res.status) == 0
+    assert ok.mean() > 0.97
+    for name, pull in _pulls(res, truth, ["x", "y", "flux"], ok).items():
+        assert abs(np.median(pull)) < 0.15, name
+        assert 0.85 < np.std(pull) < 1.15, (name, np.std(pull))
+    bg_pull = (np.asarray(res.params["background"]) - bg)[ok] / np.asarray(res.errors["background"])[ok]
+    assert 0.85 < np.std(bg_pull) < 1.15
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("noise", ["gaussian", "poisson"])
+def test_triples_recovered_within_errors(noise):
+    rng = np.random.default_rng(3)
+    n = 512
+    truth = _group(n, 3, 1.5 * SIGMA, rng)
+    mu = render("gaussian", {**truth, "background": np.full(n, 10.0)}, SHAPE)
+    img = rng.poisson(mu) if noise == "poisson" else mu + rng.normal(0, 5.0, mu.shape)
+    res = crowdfit.fit_regions(
+        img.astype(np.float32), _start(truth, rng, 5.0), noise=noise, fixed=("sigma",)
+    )
+    ok = np.asarray(res.status) == 0
+    assert ok.mean() > 0.95
+    for name, pull in _pulls(res, truth, ["x", "y", "flux"], ok).items():
+        assert 0.85 < np.std(pull) < 1.15, (name, np.std(pull))
+
+
+def test_free_sigma_single_source():
+    rng = np.random.default_rng(4)
+    n = 256
+    truth = _group(n, 1, 0.0, rng)
+    mu = render("gaussian", {**truth, "background": np.full(n, 10.0)}, SHAPE)
+    img = (mu + rng.normal(0, 5.0, mu.shape)).astype(np.float32)
+    init = _start(truth, rng, 5.0)
+    init["sigma"] = np.full_like(init["sigma"], 1.5)
+    res = crowdfit.fit_regions(img, init)
+    ok = np.asarray(res.status) == 0
+    assert ok.all()
+    for name, pull in _pulls(res, truth, ["x", "y", "flux", "sigma"], ok).items():
+        assert 0.85 < np.std(pull) < 1.15, (name, np.std(pull))
+    # chi2_reduced estimates the noise variance for Gaussian noise of unknown level.
+    assert np.median(res.chi2_reduced) == pytest.approx(25.0, rel=0.05)
+
+
+def test_model_conventions():
+    # x is the column, y the row, pixel centres at integers; flux is the total count.
+    p = {"x": np.array([[5.0]]), "y": np.array([[3.0]]), "flux": np.array([[1000.0]])}
+    for psf in PSFS:
+        q = _shape_params(psf, {**p, "sigma": np.array([[1.2]])})
+        img = render(psf, {**q, "background": np.zeros(1)}, (12, 14))[0]
+        assert np.unravel_index(np.argmax(img), img.shape) == (3, 5), psf
+        assert img.sum() == pytest.approx(1000.0, rel=2e-3), psf
+    amp = crowdfit.amplitude({"flux": 2 * math.pi * 4.0 * 100, "sigma": 2.0})
+    assert float(amp) == pytest.approx(100.0)
+
+
+def test_rotated_gaussian_is_the_seed_model():
+    # The seed's formula, written out independently, with amplitude = flux / (2 pi sx sy).
+    sx, sy, t, amp, x0, y0 = 3.0, 1.5, 0.7, 50.0, 6.2, 5.1
+    y, x = np.mgrid[:12, :13].astype(float)
+    a = np.cos(t) ** 2 / (2 * sx**2) + np.sin(t) ** 2 / (2 * sy**2)
+    b = -np.sin(2 * t) / (4 * sx**2) + np.sin(2 * t) / (4 * sy**2)
+    c = np.sin(t) ** 2 / (2 * sx**2) + np.cos(t) ** 2 / (2 * sy**2)
+    seed = amp * np.exp(-(a * (x - x0) ** 2 + 2 * b * (x - x0) * (y - y0) + c * (y - y0) ** 2))
+    p = {"x": x0, "y": y0, "flux": amp * 2 * np.pi * sx * sy, "sigma_x": sx, "sigma_y": sy,
+         "angle": t}
+    ours = crowdfit.get_psf("rotated_gaussian")(p, x[:1], y[:, :1])
+    np.testing.assert_allclose(ours, seed, rtol=1e-5, atol=1e-6)
+
+
+def test_rotated_gaussian_matches_curve_fit(x64):
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(5)
+    n, shape = 200, (15, 15)
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(float)
+
+    def seed_model(xy, amp, x0, y0, sx, sy, t, off):
+        x, y = xy
+        a = np.cos(t) ** 2 / (2 * sx**2) + np.sin(t) ** 2 / (2 * sy**2)
+        b = -np.sin(2 * t) / (4 * sx**2) + np.sin(2 * t) / (4 * sy**2)
+        c = np.sin(t) ** 2 / (2 * sx**2) + np.cos(t) ** 2 / (2 * sy**2)
+        g = amp * np.exp(-(a * (x - x0) ** 2 + 2 * b * (x - x0) * (y - y0) + c * (y - y0) ** 2))
+        return (g + off).ravel()
+
+    truth = np.column_stack([
+        rng.uniform(80, 120, n), 7 + rng.uniform(-1, 1, n), 7 + rng.uniform(-1, 1, n),
+        rng.uniform(2.4, 2.8, n), rng.uniform(1.4, 1.7, n), rng.uniform(0.2, 0.6, n),
+        np.full(n, 5.0),
+    ])
+    imgs = np.stack([seed_model((xx, yy), *p).reshape(shape) for p in truth])
+    imgs = imgs + rng.normal(0, 5.0, imgs.shape)
+    start = truth * np.array([0.9, 1, 1, 0.9, 1.1, 1, 0.5]) + np.array([0, 0.3, -0.3, 0, 0, 0.1, 0])
+
+    ref = np.array([
+        scipy_opt.curve_fit(seed_model, (xx, yy), im.ravel(), p0=p0, method="lm",
+                            xtol=1e-14, ftol=1e-14, maxfev=20000)[0]
+        for im, p0 in zip(imgs, start, strict=True)
+    ])
+    init = {
+        "x": start[:, 1:2], "y": start[:, 2:3], "sigma_x": start[:, 3:4],
+        "sigma_y": start[:, 4:5], "angle": start[:, 5:6],
+        "flux": start[:, 0:1] * 2 * np.pi * start[:, 3:4] * start[:, 4:5],
+        "background": start[:, 6],
+    }
+    res = crowdfit.fit_regions(imgs, init, psf="rotated_gaussian", tol=1e-14, max_iter=200)
+    assert res.params["x"].dtype == jnp.float64
+    assert np.all(np.asarray(res.status) == 0)
+    p = res.params
+    ours = np.column_stack([
+        np.asarray(crowdfit.amplitude({k: v[:, 0] for k, v in p.items() if k != "background"},
+                                      "rotated_gaussian")),
+        p["x"][:, 0], p["y"][:, 0], p["sigma_x"][:, 0], p["sigma_y"][:, 0], p["angle"][:, 0],
+        p["background"],
+    ])
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def _small_problem(rng, n=8, k=2):
+    truth = _group(n, k, 2.0 * SIGMA, rng)
+    mu = render("gaussian", {**truth, "background": np.full(n, 10.0)}, SHAPE)
+    img = (mu + rng.normal(0, 3.0, mu.shape)).astype(np.float32)
+    return img, _start(truth, rng, 8.0), truth
+
+
+def test_padded_source_changes_nothing():
+    rng = np.random.default_rng(6)
+    img, init, _ = _small_problem(rng)
+    base = crowdfit.fit_regions(img, init, fixed=("sigma",))
+    padded_init = {
+        k: (np.concatenate([v, np.full((v.shape[0], 1), 7.0)], axis=1) if v.ndim == 2 else v)
+        for k, v in init.items()
+    }
+    valid = np.ones((img.shape[0], 3), bool)
+    valid[:, 2] = False
+    res = crowdfit.fit_regions(img, padded_init, valid=valid, fixed=("sigma",))
+    for n in ("x", "y", "flux"):
+        np.testing.assert_allclose(res.params[n][:, :2], base.params[n], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res.errors[n][:, :2], base.errors[n], rtol=1e-4)
+        assert np.all(np.asarray(res.errors[n][:, 2]) == 0)
+    np.testing.assert_allclose(res.params["background"], base.params["background"], rtol=1e-5)
+    np.testing.assert_array_equal(res.status, base.status)
+
+
+def test_masked_pixel_changes_nothing():
+    rng = np.random.default_rng(7)
+    img, init, _ = _small_problem(rng)
+    mask = np.ones(img.shape, bool)
+    mask[:, 0, :3] = False
+    base = crowdfit.fit_regions(img, init, mask=mask, fixed=("sigma",))
+    spoiled = img.copy()
+    spoiled[:, 0, :3] = np.nan  # a masked pixel may hold anything
+    res = crowdfit.fit_regions(spoiled, init, mask=mask, fixed=("sigma",))
+    assert tree_allclose(res.params, base.params, rtol=1e-6)
+    spoiled[:, 0, :3] = 1e6
+    res = crowdfit.fit_regions(spoiled, init, mask=mask, fixed=("sigma",))
+    assert tree_allclose(res.params, base.params, rtol=1e-6)
+
+
+def test_failed_region_does_not_spoil_batch():
+    rng = np.random.default_rng(8)
+    img, init, _ = _small_problem(rng)
+    init = {k: v.copy() for k, v in init.items()}
+    init["flux"][0] = np.inf  # region 0 cannot even start
+    res = crowdfit.fit_regions(img, init, fixed=("sigma",))
+    status = np.asarray(res.status)
+    assert status[0] == crowdfit.Status.NOT_FINITE
+    assert np.all(status[1:] == crowdfit.Status.CONVERGED)
+    assert np.all(np.isfinite(np.asarray(res.params["x"][1:])))
+
+
+def test_jit_vmap_grad_and_no_recompile():
+    rng = np.random.default_rng(9)
+    img, init, _ = _small_problem(rng)
+    kw = dict(fixed=("sigma",))
+    eager = crowdfit.fit_regions(img, init, **kw)
+
+    jitted = jax.jit(lambda im: crowdfit.fit_regions(im, init, **kw).params)(img)
+    assert tree_allclose(jitted, eager.params, rtol=1e-5, atol=1e-5)
+
+    # vmap over a leading axis of two batches.
+    stacked = jnp.stack([img, img[::-1]])
+    init2 = {k: jnp.stack([v, v[::-1]]) for k, v in init.items()}
+    vm = jax.vmap(lambda im, i: crowdfit.fit_regions(im, i, **kw).params["flux"])(stacked, init2)
+    np.testing.assert_allclose(vm[0], eager.params["flux"], rtol=1e-5)
+    np.testing.assert_allclose(vm[1], eager.params["flux"][::-1], rtol=1e-5)
+
+    # A finite gradient of a fitted value with respect to the image.
+    g = jax.grad(lambda im: crowdfit.fit_regions(im, init, **kw).params["flux"][0, 0])(img)
+    assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0
+    assert np.all(np.asarray(g[1:]) == 0)  # other regions do not affect region 0
+
+    before = _fit._TRACE_COUNT[0]
+    crowdfit.fit_regions(img + 1.0, init, **kw)
+    crowdfit.fit_regions(img[:5], {k: v[:5] for k, v in init.items()}, **kw)  # same bucket
+    assert _fit._TRACE_COUNT[0] == before
+
+
+def test_float64(x64):
+    rng = np.random.default_rng(10)
+    img, init, truth = _small_problem(rng)
+    res = crowdfit.fit_regions(img.astype(np.float64), init, fixed=("sigma",), tol=1e-12)
+    assert res.params["flux"].dtype == jnp.float64
+    assert res.covariance.dtype == jnp.float64
+    assert np.all(np.asarray(res.status) == 0)
+
+
+def test_plane_background_and_custom_psf():
+    rng = np.random.default_rng(11)
+    n = 8
+    truth = _group(n, 1, 0.0, rng)
+    y, x = np.mgrid[:16, :16]
+    plane = 10.0 + 0.5 * x - 0.3 * y
+    img = render("gaussian", {**truth, "background": np.zeros(n)}, SHAPE) + plane
+    img = img + rng.normal(0, 1.0, img.shape)
+
+    def my_psf(p, x, y):  # a user's own model: a circular Gaussian written from scratch
+        r2 = (x - p["x"]) ** 2 + (y - p["y"]) ** 2
+        return p["flux"] / (2 * jnp.pi * p["width"] ** 2) * jnp.exp(-r2 / (2 * p["width"] ** 2))
+
+    init = _start(truth, rng)
+    init["width"] = init.pop("sigma")
+    init["background"] = np.zeros((n, 3))
+    res = crowdfit.fit_regions(img, init, psf=my_psf, background="plane", fixed=("width",))
+    assert np.all(np.asarray(res.status) == 0)
+    np.testing.assert_allclose(res.params["background"].mean(0), [10.0, 0.5, -0.3], atol=0.05)
+    np.testing.assert_allclose(res.params["x"], truth["x"], atol=0.1)
+
+
+@pytest.mark.parametrize("solver", [optax.lbfgs(), optax.adam(0.05)])
+def test_optax_solvers_agree_with_lm(solver):
+    rng = np.random.default_rng(12)
+    img, init, _ = _small_problem(rng)
+    lm = crowdfit.fit_regions(img, init, fixed=("sigma",))
+    res = crowdfit.fit_regions(img, init, fixed=("sigma",), solver=solver, max_iter=2000,
+                               tol=1e-9)
+    np.testing.assert_allclose(res.params["x"], lm.params["x"], atol=0.02)
+    np.testing.assert_allclose(res.params["flux"], lm.params["flux"], rtol=0.01)
+
+
+def test_bad_input_errors():
+    rng = np.random.default_rng(13)
+    img, init, _ = _small_problem(rng)
+    bad = img.copy()
+    bad[0, 0, 0] = np.nan
+    bad[1, 2, 2] = np.inf
+    with pytest.raises(ValueError, match="2 non-finite"):
+        crowdfit.fit_regions(bad, init)
+    with pytest.raises(ValueError, match=r"shape \(B, H, W\)"):
+        crowdfit.fit_regions(img[0], init)
+    with pytest.raises(ValueError, match="missing.*flux"):
+        crowdfit.fit_regions(img, {k: v for k, v in init.items() if k != "flux"})
+    with pytest.raises(ValueError, match="unknown parameters"):
+        crowdfit.fit_regions(img, {**init, "sigmaa": init["sigma"]})
+    with pytest.raises(ValueError, match="does not broadcast"):
+        crowdfit.fit_regions(img, {**init, "x": init["x"][:3]})
+    with pytest.raises(ValueError, match="mask must have"):
+        crowdfit.fit_regions(img, init, mask=np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match="valid must have"):
+        crowdfit.fit_regions(img, init, valid=np.ones((8, 5), bool))
+    with pytest.raises(ValueError, match="unknown psf"):
+        crowdfit.fit_regions(img, init, psf="moffat")
+    with pytest.raises(ValueError, match="unknown background"):
+        crowdfit.fit_regions(img, init, background="quadratic")
+    with pytest.raises(ValueError, match="fixed names unknown"):
+        crowdfit.fit_regions(img, init, fixed=("sgima",))
+    with pytest.raises(ValueError, match="needs \\(B, 3\\)"):
+        crowdfit.fit_regions(img, init, background="plane")
