@@ -255,14 +255,14 @@ def test_jit_vmap_grad_and_no_recompile():
     eager = crowdfit.fit_regions(img, init, **kw)
 
     jitted = jax.jit(lambda im: crowdfit.fit_regions(im, init, **kw).params)(img)
-    assert tree_allclose(jitted, eager.params, rtol=1e-5, atol=1e-5)
+    assert tree_allclose(jitted, eager.params, rtol=1e-4, atol=1e-3)
 
     # vmap over a leading axis of two batches.
     stacked = jnp.stack([img, img[::-1]])
     init2 = {k: jnp.stack([v, v[::-1]]) for k, v in init.items()}
     vm = jax.vmap(lambda im, i: crowdfit.fit_regions(im, i, **kw).params["flux"])(stacked, init2)
-    np.testing.assert_allclose(vm[0], eager.params["flux"], rtol=1e-5)
-    np.testing.assert_allclose(vm[1], eager.params["flux"][::-1], rtol=1e-5)
+    np.testing.assert_allclose(vm[0], eager.params["flux"], rtol=1e-4)
+    np.testing.assert_allclose(vm[1], eager.params["flux"][::-1], rtol=1e-4)
 
     # A finite gradient of a fitted value with respect to the image.
     g = jax.grad(lambda im: crowdfit.fit_regions(im, init, **kw).params["flux"][0, 0])(img)
@@ -306,15 +306,19 @@ def test_plane_background_and_custom_psf():
     np.testing.assert_allclose(res.params["x"], truth["x"], atol=0.1)
 
 
-@pytest.mark.parametrize("solver", [optax.lbfgs(), optax.adam(0.05)])
-def test_optax_solvers_agree_with_lm(solver):
+@pytest.mark.parametrize(
+    "solver, atol, rtol", [(optax.lbfgs(), 0.005, 1e-3), (optax.adam(0.2), 0.05, 0.03)]
+)
+def test_optax_solvers_agree_with_lm(solver, atol, rtol):
     rng = np.random.default_rng(12)
     img, init, _ = _small_problem(rng)
     lm = crowdfit.fit_regions(img, init, fixed=("sigma",))
     res = crowdfit.fit_regions(img, init, fixed=("sigma",), solver=solver, max_iter=2000,
                                tol=1e-9)
-    np.testing.assert_allclose(res.params["x"], lm.params["x"], atol=0.02)
-    np.testing.assert_allclose(res.params["flux"], lm.params["flux"], rtol=0.01)
+    np.testing.assert_allclose(res.params["x"], lm.params["x"], atol=atol)
+    np.testing.assert_allclose(res.params["flux"], lm.params["flux"], rtol=rtol)
+    # The errors come from the Fisher information at the optimum, whatever the solver.
+    np.testing.assert_allclose(res.errors["x"], lm.errors["x"], rtol=0.1)
 
 
 def test_bad_input_errors():

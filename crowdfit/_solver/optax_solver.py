@@ -17,19 +17,28 @@ __all__ = ["optax_minimise"]
 def optax_minimise(problem, u0, data, *, solver, max_iter: int, tol: float, unroll=False):
     """Minimise `problem.loss(u, data)` from `u0` with the optax `solver`.
 
-    Converges when the loss changes by less than `tol` times the loss per degree of freedom
-    over one step. **Returns:** `(u, status, iterations)`.
+    The optimizer sees parameters rescaled by the square root of the Fisher information at the
+    start (so one unit is about one standard error) and the loss per degree of freedom, which
+    makes one learning rate suit every parameter. Converges when the loss changes by less than
+    `tol` times the loss per degree of freedom over one step.
+
+    **Returns:** `(u, status, iterations)`.
     """
     dtype = u0.dtype
     active = problem.active(data, dtype)
     dof = jnp.maximum(jnp.sum(data["mask"]) - jnp.sum(active), 1.0)
     solver = optax.with_extra_args_support(solver)
-    loss_fn = lambda u: problem.loss(u, data)
-    value_and_grad = optax.value_and_grad_from_state(loss_fn)
+    loss0, _, h0 = problem.normal_equations(u0, data)
+    diag = jnp.diagonal(h0)
+    scale = jnp.where(diag > 0, jax.lax.rsqrt(jnp.where(diag > 0, diag, 1.0)), 1.0)
+    norm = jnp.where(jnp.isfinite(loss0) & (loss0 > 0), loss0 / dof, 1.0)
+    # The optimizer works on z, with u = u0 + scale * z.
+    loss_fn = lambda z: problem.loss(u0 + scale * z, data) / norm
+    value_and_grad = jax.value_and_grad(loss_fn)
 
     def step(carry):
         u, state, loss_prev, it, done, status = carry
-        value, grad = value_and_grad(u, state=state)
+        value, grad = value_and_grad(u)
         grad = grad * active
         updates, new_state = solver.update(
             grad, state, u, value=value, grad=grad, value_fn=loss_fn
@@ -51,11 +60,12 @@ def optax_minimise(problem, u0, data, *, solver, max_iter: int, tol: float, unro
         )
         return jax.tree_util.tree_map(lambda a, b: jnp.where(done, a, b), carry, new)
 
-    loss0 = loss_fn(u0)
+    z0 = jnp.zeros_like(u0)
+    loss0 = loss_fn(z0)
     finite0 = jnp.isfinite(loss0)
     carry = (
-        u0,
-        solver.init(u0),
+        z0,
+        solver.init(z0),
         loss0,
         jnp.asarray(0, jnp.int32),
         ~finite0,
@@ -65,5 +75,5 @@ def optax_minimise(problem, u0, data, *, solver, max_iter: int, tol: float, unro
         carry, _ = jax.lax.scan(lambda c, _: (step(c), None), carry, None, length=max_iter)
     else:
         carry = jax.lax.while_loop(lambda c: ~c[4] & (c[3] < max_iter), step, carry)
-    u, _, _, it, _, status = carry
-    return u, status, it
+    z, _, _, it, _, status = carry
+    return u0 + scale * z, status, it
