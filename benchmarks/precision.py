@@ -52,8 +52,13 @@ def centroid_start(windows: np.ndarray, sigma: float = 1.5) -> dict:
     x = (signal.sum(axis=1) * np.arange(w)).sum(1) / total
     y = (signal.sum(axis=2) * np.arange(h)).sum(1) / total
     flux = np.maximum((windows - bg[:, None, None]).sum(axis=(1, 2)), 1.0)
-    return dict(x=x[:, None], y=y[:, None], flux=flux[:, None],
-                sigma=np.full((len(windows), 1), sigma), background=bg)
+    return dict(
+        x=x[:, None],
+        y=y[:, None],
+        flux=flux[:, None],
+        sigma=np.full((len(windows), 1), sigma),
+        background=bg,
+    )
 
 
 def precision(est, truth, bound) -> tuple[float, float]:
@@ -68,7 +73,8 @@ def precision(est, truth, bound) -> tuple[float, float]:
 
 
 def pull_width(est, truth, errors) -> float:
-    p = (np.asarray(est, float) - np.asarray(truth, float)) / np.asarray(errors, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = (np.asarray(est, float) - np.asarray(truth, float)) / np.asarray(errors, float)
     p = p.reshape(-1)
     return float(np.std(p[np.isfinite(p)]))
 
@@ -83,27 +89,61 @@ def load_picasso():
     return picasso_gaussmle
 
 
+def run_picasso(gaussmle, stacks: list[np.ndarray]):
+    """Fit all settings in one picasso call (its start-up and numba compile cost ~10 s); when a
+    call fails, split it in halves, down to the one setting that fails.
+
+    Yields `(indices of the settings, result or None)`."""
+    todo = [list(range(len(stacks)))]
+    while todo:
+        group = todo.pop()
+        try:
+            res = gaussmle(
+                np.concatenate([stacks[i] for i in group]).astype(np.float32),
+                eps=1e-3,
+                max_it=100,
+                method="sigma",
+            )
+        except Exception as e:  # noqa: BLE001 - a peer failing is a result, not a crash
+            if len(group) > 1:
+                todo += [group[: len(group) // 2], group[len(group) // 2 :]]
+                continue
+            last = str(e).strip().splitlines()[-1]
+            print(f"note: picasso failed on setting {group[0]}: {last}")
+            res = None
+        yield group, res
+
+
 def isolated(n: int, seed: int, use_picasso: bool) -> list[dict]:
     settings = [(p, b) for p in PHOTONS for b in BACKGROUNDS]
-    sims = [crowdfit.simulate_spots(n, flux=float(p), background=float(b), seed=seed + i)
-            for i, (p, b) in enumerate(settings)]
+    sims = [
+        crowdfit.simulate_spots(n, flux=float(p), background=float(b), seed=seed + i)
+        for i, (p, b) in enumerate(settings)
+    ]
 
     # One compile for every setting: same shapes; the first fit is the warm-up.
     warm = centroid_start(sims[0][0])
-    jax.block_until_ready(crowdfit.fit_regions(sims[0][0], warm, psf="integrated_gaussian",
-                                               noise="poisson").params)
+    jax.block_until_ready(
+        crowdfit.fit_regions(sims[0][0], warm, psf="integrated_gaussian", noise="poisson").params
+    )
     rows = []
     for (photons, bg), (windows, truth) in zip(settings, sims, strict=True):
         t0 = time.perf_counter()
-        fit = crowdfit.fit_regions(windows, centroid_start(windows), psf="integrated_gaussian",
-                                   noise="poisson")
+        fit = crowdfit.fit_regions(
+            windows, centroid_start(windows), psf="integrated_gaussian", noise="poisson"
+        )
         jax.block_until_ready(fit.params)
         elapsed = time.perf_counter() - t0
         params = {k: truth[k][:, None] for k in ("x", "y", "flux", "sigma")}
         params["background"] = truth["background"]
         bound = crlb(params, psf="integrated_gaussian", shape=windows.shape[1:])
-        row = dict(photons=photons, background=bg, crlb_x=float(np.mean(bound.errors["x"])),
-                   converged=float(np.mean(fit.converged)), fits_per_s=n / elapsed)
+        row = dict(
+            photons=photons,
+            background=bg,
+            crlb_x=float(np.mean(bound.errors["x"])),
+            converged=float(np.mean(fit.converged)),
+            fits_per_s=n / elapsed,
+        )
         for k in ("x", "y", "flux"):
             est = np.asarray(fit.params[k])[:, 0]
             b = np.asarray(bound.errors[k])[:, 0]
@@ -114,20 +154,19 @@ def isolated(n: int, seed: int, use_picasso: bool) -> list[dict]:
 
     gaussmle = load_picasso() if use_picasso else None
     if gaussmle is not None:
-        try:
-            stack = np.concatenate([w for w, _ in sims]).astype(np.float32)
-            res = gaussmle(stack, eps=1e-3, max_it=100, method="sigma")
-        except Exception as e:  # noqa: BLE001
-            print(f"note: picasso column skipped ({type(e).__name__}: {str(e)[:300]})")
-        else:
-            for i, (row, (_, truth)) in enumerate(zip(rows, sims, strict=True)):
-                part = slice(i * n, (i + 1) * n)
+        for group, res in run_picasso(gaussmle, [w for w, _ in sims]):
+            for j, i in enumerate(group):
+                row, truth, part = rows[i], sims[i][1], slice(j * n, (j + 1) * n)
+                if res is None:
+                    row["pi_failed"] = True
+                    continue
                 for k, pk in (("x", "x"), ("y", "y"), ("flux", "photons")):
                     est = res[pk][part]
-                    row[f"pi_{k}"], row[f"pi_{k}_robust"] = precision(est, truth[k],
-                                                                      row[f"_bound_{k}"])
-                    var = res["crlb_" + pk][part]
-                    row[f"pi_{k}_pull"] = pull_width(est, truth[k], np.sqrt(var))
+                    row[f"pi_{k}"], row[f"pi_{k}_robust"] = precision(
+                        est, truth[k], row[f"_bound_{k}"]
+                    )
+                    sd = np.sqrt(np.maximum(res["crlb_" + pk][part], 0.0))
+                    row[f"pi_{k}_pull"] = pull_width(est, truth[k], sd)
                 row["pi_fits_per_s"] = res["fits_per_s"]
     return rows
 
@@ -138,11 +177,15 @@ def pairs(n: int, seed: int) -> list[dict]:
     windows, truth = crowdfit.simulate_pairs(m, seps, jitter=0.5, seed=seed)
     rng = np.random.default_rng(seed + 1)
     start = centroid_start(windows)
-    start.update(x=truth["x"] + rng.uniform(-0.3, 0.3, (m, 2)),
-                 y=truth["y"] + rng.uniform(-0.3, 0.3, (m, 2)),
-                 flux=0.8 * truth["flux"], sigma=np.full((m, 2), SIGMA))
-    fit = crowdfit.fit_regions(windows, start, psf="integrated_gaussian", noise="poisson",
-                               fixed=("sigma",))
+    start.update(
+        x=truth["x"] + rng.uniform(-0.3, 0.3, (m, 2)),
+        y=truth["y"] + rng.uniform(-0.3, 0.3, (m, 2)),
+        flux=0.8 * truth["flux"],
+        sigma=np.full((m, 2), SIGMA),
+    )
+    fit = crowdfit.fit_regions(
+        windows, start, psf="integrated_gaussian", noise="poisson", fixed=("sigma",)
+    )
     params = {k: truth[k] for k in ("x", "y", "flux", "sigma")}
     params["background"] = truth["background"][:, 0]
     kw = dict(psf="integrated_gaussian", shape=windows.shape[1:], fixed=("sigma",))
@@ -161,9 +204,14 @@ def pairs(n: int, seed: int) -> list[dict]:
     rows = []
     for s in SEPARATIONS:
         sel = seps == s * SIGMA
-        row = dict(separation=s, converged=float(np.mean(np.asarray(fit.converged)[sel])),
-                   crowding=float(np.mean(np.asarray(joint.errors["flux"])[sel, 0])
-                                  / np.mean(np.asarray(alone.errors["flux"])[sel, 0])))
+        row = dict(
+            separation=s,
+            converged=float(np.mean(np.asarray(fit.converged)[sel])),
+            crowding=float(
+                np.mean(np.asarray(joint.errors["flux"])[sel, 0])
+                / np.mean(np.asarray(alone.errors["flux"])[sel, 0])
+            ),
+        )
         for k in ("x", "y", "flux"):
             b = np.asarray(joint.errors[k])[sel]
             row[f"cf_{k}"], row[f"cf_{k}_robust"] = precision(est[k][sel], truth[k][sel], b)
@@ -178,35 +226,50 @@ def _fmt(v, spec=".3f"):
 
 def print_tables(iso: list[dict], pair: list[dict]) -> None:
     print("\nIsolated spots: precision / sqrt(CRLB) (robust in brackets), pull width")
-    head = (f"{'N':>6} {'bg':>4} {'sqrtCRLB_x':>10} | {'crowdfit x':>15} {'y':>15} {'flux':>15} "
-            f"{'pull x':>6} {'conv':>5} {'fits/s':>7} | {'picasso x':>15} {'y':>15} {'flux':>15} "
-            f"{'pull x':>6} {'fits/s':>7}")
+    head = (
+        f"{'N':>6} {'bg':>4} {'sqrtCRLB_x':>10} | {'crowdfit x':>15} {'y':>15} {'flux':>15} "
+        f"{'pull x':>6} {'conv':>5} {'fits/s':>7} | {'picasso x':>15} {'y':>15} {'flux':>15} "
+        f"{'pull x':>6} {'fits/s':>7}"
+    )
     print(head)
     print("-" * len(head))
     for r in iso:
-        cf = " ".join(f"{_fmt(r[f'cf_{k}']):>6} ({_fmt(r[f'cf_{k}_robust'])})"
-                      for k in ("x", "y", "flux"))
-        if "pi_x" in r:
-            pi = " ".join(f"{_fmt(r[f'pi_{k}']):>6} ({_fmt(r[f'pi_{k}_robust'])})"
-                          for k in ("x", "y", "flux"))
+        cf = " ".join(
+            f"{_fmt(r[f'cf_{k}']):>6} ({_fmt(r[f'cf_{k}_robust'])})" for k in ("x", "y", "flux")
+        )
+        if r.get("pi_failed"):
+            pi = "picasso raised an error on this setting"
+        elif "pi_x" in r:
+            pi = " ".join(
+                f"{_fmt(r[f'pi_{k}']):>6} ({_fmt(r[f'pi_{k}_robust'])})" for k in ("x", "y", "flux")
+            )
             pi += f" {_fmt(r['pi_x_pull']):>6} {r['pi_fits_per_s']:7.0f}"
         else:
             pi = "picasso not run"
-        print(f"{r['photons']:>6} {r['background']:>4} {r['crlb_x']:10.4f} | {cf} "
-              f"{_fmt(r['cf_x_pull']):>6} {100 * r['converged']:5.1f} {r['fits_per_s']:7.0f} | "
-              f"{pi}")
+        print(
+            f"{r['photons']:>6} {r['background']:>4} {r['crlb_x']:10.4f} | {cf} "
+            f"{_fmt(r['cf_x_pull']):>6} {100 * r['converged']:5.1f} {r['fits_per_s']:7.0f} | "
+            f"{pi}"
+        )
 
-    print("\nPairs (1000 + 1000 photons, background 10, sigma known): precision / sqrt(joint "
-          "CRLB) (robust), pull width")
-    head = (f"{'sep/sigma':>9} {'CRLB flux joint/alone':>21} | {'x':>15} {'y':>15} {'flux':>15} "
-            f"{'pull x':>6} {'pull flux':>9} {'conv':>5}")
+    print(
+        "\nPairs (1000 + 1000 photons, background 10, sigma known): precision / sqrt(joint "
+        "CRLB) (robust), pull width"
+    )
+    head = (
+        f"{'sep/sigma':>9} {'CRLB flux joint/alone':>21} | {'x':>15} {'y':>15} {'flux':>15} "
+        f"{'pull x':>6} {'pull flux':>9} {'conv':>5}"
+    )
     print(head)
     print("-" * len(head))
     for r in pair:
-        cf = " ".join(f"{_fmt(r[f'cf_{k}']):>6} ({_fmt(r[f'cf_{k}_robust'])})"
-                      for k in ("x", "y", "flux"))
-        print(f"{r['separation']:9.1f} {r['crowding']:21.2f} | {cf} {_fmt(r['cf_x_pull']):>6} "
-              f"{_fmt(r['cf_flux_pull']):>9} {100 * r['converged']:5.1f}")
+        cf = " ".join(
+            f"{_fmt(r[f'cf_{k}']):>6} ({_fmt(r[f'cf_{k}_robust'])})" for k in ("x", "y", "flux")
+        )
+        print(
+            f"{r['separation']:9.1f} {r['crowding']:21.2f} | {cf} {_fmt(r['cf_x_pull']):>6} "
+            f"{_fmt(r['cf_flux_pull']):>9} {100 * r['converged']:5.1f}"
+        )
 
 
 def plot(iso: list[dict], pair: list[dict], path: Path) -> None:
@@ -221,11 +284,17 @@ def plot(iso: list[dict], pair: list[dict], path: Path) -> None:
         for bg in BACKGROUNDS:
             rs = [r for r in iso if r["background"] == bg]
             n = [r["photons"] for r in rs]
-            ax.plot(n, [r[f"cf_{k}"] for r in rs], "o-", color=colours[bg],
-                    label=f"crowdfit, bg {bg}")
-            if all(f"pi_{k}" in r for r in rs):
-                ax.plot(n, [r[f"pi_{k}"] for r in rs], "s--", color=colours[bg],
-                        label=f"picasso, bg {bg}")
+            ax.plot(
+                n, [r[f"cf_{k}"] for r in rs], "o-", color=colours[bg], label=f"crowdfit, bg {bg}"
+            )
+            if any(f"pi_{k}" in r for r in rs):
+                ax.plot(
+                    n,
+                    [r.get(f"pi_{k}", np.nan) for r in rs],
+                    "s--",
+                    color=colours[bg],
+                    label=f"picasso, bg {bg}",
+                )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -257,8 +326,10 @@ def main(argv=None) -> None:
     n = args.n or (2000 if args.quick else 10_000)
     n_pairs = n // 2 if args.quick else n
 
-    print(f"crowdfit {crowdfit.__version__}, jax {jax.__version__} on {jax.default_backend()}; "
-          f"{n} spots per setting, {n_pairs} pairs per separation")
+    print(
+        f"crowdfit {crowdfit.__version__}, jax {jax.__version__} on {jax.default_backend()}; "
+        f"{n} spots per setting, {n_pairs} pairs per separation"
+    )
     iso = isolated(n, args.seed, not args.no_picasso)
     pair = pairs(n_pairs, args.seed + 100)
     print_tables(iso, pair)

@@ -3,7 +3,9 @@
 import importlib.metadata
 
 from ._background import BACKGROUNDS as BACKGROUNDS
+from ._catalog import Catalog as Catalog, model_image as model_image, residual_image as residual_image
 from ._fit import fit_regions as fit_regions
+from ._image import fit_image as fit_image
 from ._match import MatchResult as MatchResult, match as match
 from ._noise import NoiseModel as NoiseModel, get_noise as get_noise
 from ._psf import PSF as PSF, PSF_NAMES as PSF_NAMES, amplitude as amplitude, get_psf as get_psf

@@ -81,15 +81,23 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         dof = jnp.maximum(jnp.sum(mask) - jnp.sum(active), 1.0)
         chi2_reduced = problem.pearson(u, data) / dof
         d = problem.natural_derivative(u)
-        cov = masked_inverse(fisher, active) * (d[:, None] * d[None, :])
+        # A singular region inverts the identity instead, and padded or fixed entries (variance 0)
+        # skip the square root: their NaN or infinite derivatives would spread through a sum over
+        # the batch even where they are multiplied by zero.
+        eye = jnp.eye(fisher.shape[0], dtype=dtype)
+        invertible = jnp.all(jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active)))
+        cov = masked_inverse(jnp.where(invertible, fisher, eye), active) * (d[:, None] * d[None, :])
         if not known_scale:
             cov = cov * chi2_reduced
-        singular = ~jnp.all(jnp.isfinite(cov))
+        singular = ~invertible | ~jnp.all(jnp.isfinite(cov))
+        cov = jnp.where(singular, jnp.nan, cov)
         status = jnp.where(
             singular & (status == Status.CONVERGED), Status.SINGULAR, status
         ).astype(jnp.int32)
-        var = jnp.where(singular, jnp.nan, jnp.diagonal(cov))
-        sd = jnp.sqrt(jnp.maximum(var, 0.0))
+        var = jnp.diagonal(cov)
+        positive = ~singular & (var > 0)
+        sd = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+        sd = jnp.where(singular, jnp.nan, sd)
 
         params = problem.unpack(u, data["fixed"])
         errors = _errors(problem, sd, valid)

@@ -1,7 +1,7 @@
 """Exact derivatives of a fitted optimum by the implicit function theorem.
 
 At the optimum `grad_u L(u*, data) = 0`, so `du* = -H⁻¹ ∂(grad_u L)/∂data · d(data)` with `H` the
-full Hessian of the loss. One linear solve replaces differentiating every solver iteration.
+full Hessian of the loss. One small linear solve replaces differentiating every solver iteration.
 """
 
 from __future__ import annotations
@@ -10,17 +10,79 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.linalg import cho_factor, cho_solve
 
-__all__ = ["implicit_optimum"]
+from ._background import render_background
+from ._linalg import cholesky, cholesky_solve
+from ._problem import _pixel_sum
+
+__all__ = ["implicit_optimum", "loss_hessian"]
 
 
-@functools.lru_cache(maxsize=None)
+def loss_hessian(problem, u, data):
+    """Full `(P, P)` Hessian of `problem.loss` with respect to `u`, assembled by hand.
+
+    The model is a sum of sources, each moved only by its own parameters, plus a background, so
+    `H = Jᵀ diag(ℓ'') J + Σ_k ℓ'ᵀ ∇²(source k) + ℓ'ᵀ ∇²(background)`, with `J` the model's Jacobian
+    and `ℓ'`, `ℓ''` the per-pixel loss's first and second derivatives in the model value (the
+    observed curvature, not the Fisher weight). The second-order terms are small per-source blocks,
+    which makes this about twice as fast as `jax.hessian` of the loss, and exact all the same.
+
+    **Arguments:** `problem` a `RegionProblem`, `u` the `(P,)` free parameters, `data` the region.
+
+    **Returns:** the `(P, P)` Hessian.
+    """
+    mu, jac = problem.model_and_jacobian(u, data)
+    d, w, m = data["image"], data["weight"], data["mask"]
+    pixel_loss = lambda mu: _pixel_sum(m * problem.noise.loss(mu, d, w))
+    # The loss is a sum over pixels, so its gradient's derivative along ones is its diagonal.
+    r, c = jax.jvp(jax.grad(pixel_loss), (mu,), (jnp.ones_like(mu),))
+    h = (jac * c.reshape(1, -1)) @ jac.T
+
+    src, bg = problem._split(u)
+    k, nf = src.shape
+    x, y = problem.grid(u.dtype)
+    held = {n: data["fixed"][n] for n in problem.names if n in problem.fixed}
+
+    def source_block(v, held_k, valid_k):
+        curvature = lambda v: _pixel_sum(r * problem._source_image(v, held_k, x, y))
+        return valid_k * jax.hessian(curvature)(v)
+
+    blocks = jax.vmap(source_block)(src, held, data["valid"].astype(u.dtype))  # (K, nf, nf)
+    eye_k = jnp.eye(k, dtype=u.dtype)
+    block_diag = (eye_k[:, None, :, None] * blocks[:, :, None, :]).reshape(k * nf, k * nf)
+    h = h.at[: k * nf, : k * nf].add(block_diag)
+    if problem.background_free:
+        background = lambda b: _pixel_sum(
+            r * jnp.broadcast_to(render_background(problem.background, b, x, y), problem.shape)
+        )
+        h = h.at[k * nf :, k * nf :].add(jax.hessian(background)(bg))
+    return h
+
+
+def _mask_tangent(t, keep):
+    # Integer and boolean inputs (`valid`) carry float0 tangents, which hold nothing to mask.
+    if t.dtype == jax.dtypes.float0:
+        return t
+    return jnp.where(keep, t, jnp.zeros_like(t))
+
+
+@functools.cache
 def implicit_optimum(problem):
     """`f(u_star, data, ok) -> u_star` whose derivative with respect to `data` is the implicit one.
 
-    `ok` is False for regions that did not converge: they get a zero derivative (and never a
-    NaN), since their `u_star` is not an optimum. `u_star` itself is treated as a constant.
+    Differentiable in forward and reverse mode, under `jit` and `vmap`, with respect to every array
+    in `data`: the image, the weights, and the held (`fixed`) parameters. `u_star` itself is treated
+    as a constant: the optimum does not depend on where the solver started.
+
+    Padded sources (`valid` False) get an identity block in `H`, so they neither make it singular
+    nor move. A region with `ok` False (it did not converge), or whose Hessian is not positive
+    definite, gets an exact zero derivative, in both modes: the tangents of its data are masked
+    before they reach the solve, so a NaN there can never leak into a sum over the batch.
+
+    **Arguments:** `problem` a `RegionProblem`.
+
+    **Returns:** `f(u_star, data, ok)`, with `u_star` `(P,)`, `data` the region's dict and `ok` a
+    boolean scalar.
     """
 
     @jax.custom_jvp
@@ -31,17 +93,21 @@ def implicit_optimum(problem):
     def f_jvp(primals, tangents):
         u, data, ok = primals
         _, ddata, _ = tangents
-        active = problem.active(data, u.dtype)
-        grad_u = lambda d: jax.grad(problem.loss)(u, d) * active
-        _, dg = jax.jvp(grad_u, (data,), (ddata,))
-        hess = jax.hessian(problem.loss)(u, data)
-        # Padded sources and inactive parameters get an identity block (their derivative is 0).
-        outer = active[:, None] * active[None, :]
-        hess = hess * outer + jnp.diag(1.0 - active)
-        factor, lower = cho_factor(hess, lower=True)
+        dtype = u.dtype
+        active = problem.active(data, dtype)
+        ok = ok & jnp.all(jnp.isfinite(u))
+        # Linearise a failed region about a harmless point, so its (discarded) terms stay finite.
+        u_lin = jnp.where(ok, u, jnp.zeros_like(u))
+        hess = loss_hessian(problem, u_lin, data)
+        outer = (active[:, None] * active[None, :]) > 0
+        hess = jnp.where(outer, hess, jnp.diag(1.0 - active))
+        factor = cholesky(hess)
         good = ok & jnp.all(jnp.isfinite(factor))
-        factor = jnp.where(good, factor, jnp.eye(u.shape[0], dtype=u.dtype))
-        du = -cho_solve((factor, lower), dg) * active
-        return u, jnp.where(good, du, 0.0)
+        factor = jnp.where(good, factor, jnp.eye(u.shape[0], dtype=dtype))
+        ddata = jax.tree_util.tree_map(lambda t: _mask_tangent(t, good), ddata)
+        grad_u = lambda d: jax.grad(problem.loss)(u_lin, d) * active
+        _, dg = jax.jvp(grad_u, (data,), (ddata,))
+        du = -cholesky_solve(factor, dg) * active
+        return u, jnp.where(good, du, jnp.zeros_like(du))
 
     return f

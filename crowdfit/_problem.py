@@ -174,7 +174,7 @@ class RegionProblem:
         r = (m * self.noise.grad(mu, d, w)).reshape(-1)
         c = (m * self.noise.curvature(mu, d, w)).reshape(-1)
         g = jac @ r
-        h = (jac * c) @ jac.T
+        h = (jac * c[None, :]) @ jac.T
         return loss, g, h
 
     def pearson(self, u, data):
