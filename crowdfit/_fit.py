@@ -52,13 +52,14 @@ def _bucket(n: int, max_batch: int) -> int:
 def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
     """The compiled batch fit for one problem; cached so equal settings share one program."""
 
-    def one(image, mask, weight, valid, p):
+    def one(image, mask, weight, valid, held, p):
         dtype = image.dtype
         data = dict(
             image=image,
             mask=mask,
             weight=weight,
             valid=valid,
+            held=held,
             fixed={n: p[n] for n in (*problem.names, "background") if n in problem.fixed},
         )
         u0 = problem.pack(p).astype(dtype)
@@ -72,15 +73,20 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             u, status, iterations = run(
                 jax.lax.stop_gradient(u0), jax.lax.stop_gradient(data), unroll=False
             )
-            u = implicit_optimum(problem)(u, data, status == Status.CONVERGED)
+            u = implicit_optimum(problem)(u, u0, data, status == Status.CONVERGED)
         else:
             u, status, iterations = run(u0, data, unroll=True)
 
         active = problem.active(data, dtype)
-        loss, _, fisher = problem.normal_equations(u, data)
+        # A region whose solver gave up on NaN gets its statistics at a finite stand-in (then
+        # reported as NaN): NaN there would reach the gradient of the data, even times zero.
+        finite = jnp.all(jnp.isfinite(u))
+        u_stat = jnp.where(finite, u, jnp.zeros_like(u))
+        loss, _, fisher = problem.normal_equations(u_stat, data)
+        loss = jnp.where(finite, loss, jnp.nan)
         dof = jnp.maximum(jnp.sum(mask) - jnp.sum(active), 1.0)
-        chi2_reduced = problem.pearson(u, data) / dof
-        d = problem.natural_derivative(u)
+        chi2_reduced = jnp.where(finite, problem.pearson(u_stat, data) / dof, jnp.nan)
+        d = problem.natural_derivative(u_stat)
         # A singular region inverts the identity instead, and padded or fixed entries (variance 0)
         # skip the square root: their NaN or infinite derivatives would spread through a sum over
         # the batch even where they are multiplied by zero.
@@ -88,8 +94,8 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         invertible = jnp.all(jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active)))
         cov = masked_inverse(jnp.where(invertible, fisher, eye), active) * (d[:, None] * d[None, :])
         if not known_scale:
-            cov = cov * chi2_reduced
-        singular = ~invertible | ~jnp.all(jnp.isfinite(cov))
+            cov = cov * jnp.where(finite, chi2_reduced, 1.0)
+        singular = ~finite | ~invertible | ~jnp.all(jnp.isfinite(cov))
         cov = jnp.where(singular, jnp.nan, cov)
         status = jnp.where(
             singular & (status == Status.CONVERGED), Status.SINGULAR, status
@@ -100,7 +106,7 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         sd = jnp.where(singular, jnp.nan, sd)
 
         params = problem.unpack(u, data["fixed"])
-        errors = _errors(problem, sd, valid)
+        errors = _errors(problem, sd, valid & ~held)
         return dict(
             params=params,
             errors=errors,
@@ -111,9 +117,9 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             chi2_reduced=chi2_reduced,
         )
 
-    def batch(images, mask, weight, valid, params):
+    def batch(images, mask, weight, valid, held, params):
         _TRACE_COUNT[0] += 1
-        xs = (images, mask, weight, valid, params)
+        xs = (images, mask, weight, valid, held, params)
         return jax.lax.map(lambda a: one(*a), xs, batch_size=min(chunk, images.shape[0]))
 
     return jax.jit(batch)
@@ -134,6 +140,15 @@ def _errors(problem, sd, valid):
     return out
 
 
+def _source_mask(a, default, b, k, name):
+    if a is None:
+        return jnp.full((b, k), default, bool)
+    a = jnp.asarray(a)
+    if a.shape != (b, k):
+        raise ValueError(f"{name} must have shape (B, K) = {(b, k)}, got {a.shape}")
+    return a.astype(bool)
+
+
 def _as_float(a, dtype, name):
     a = jnp.asarray(a)
     if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
@@ -150,6 +165,7 @@ def fit_regions(
     noise="gaussian",
     mask=None,
     valid=None,
+    held=None,
     fixed: Sequence[str] = (),
     weights=None,
     offset=0.0,
@@ -178,6 +194,8 @@ def fit_regions(
       function `loss(model, data, weight) -> per-pixel loss` (a `NoiseModel` for full control).
     - `mask`: `(B, H, W)` True where a pixel counts. Masked pixels may hold anything.
     - `valid`: `(B, K)` True for real sources; False slots are padding and change nothing.
+    - `held`: `(B, K)` True for sources held at their `init` values: they stay in the model (e.g.
+      neighbours fitted elsewhere, or forced photometry) but the fit does not move them.
     - `fixed`: names held at their `init` values (e.g. `("sigma",)` or `("background",)`).
     - `weights`: `(B, H, W)` per-pixel weights (inverse variances for Gaussian noise). When given,
       the Gaussian noise level is known and errors are not rescaled by the reduced χ².
@@ -264,13 +282,8 @@ def fit_regions(
         ) from None
     params["background"] = bg
 
-    if valid is None:
-        valid = jnp.ones((b, k), bool)
-    else:
-        valid = jnp.asarray(valid)
-        if valid.shape != (b, k):
-            raise ValueError(f"valid must have shape (B, K) = {(b, k)}, got {valid.shape}")
-        valid = valid.astype(bool)
+    valid = _source_mask(valid, True, b, k, "valid")
+    held = _source_mask(held, False, b, k, "held")
 
     if mask is None:
         if _is_concrete(images):
@@ -310,7 +323,7 @@ def fit_regions(
     fn = _program(problem, solver, int(max_iter), float(tol), adjoint, int(chunk), known_scale)
 
     mask_f = mask.astype(dtype)
-    inputs = (images, mask_f, weights, valid, params)
+    inputs = (images, mask_f, weights, valid, held, params)
     pieces = []
     starts = range(0, b, max_batch)
     for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):

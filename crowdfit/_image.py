@@ -95,11 +95,12 @@ def _fit_all(img, good, src, psf, shape_vals, *, background, noise, max_sources,
         b = len(regs)
         init = {n_: np.zeros((b, k)) for n_ in psf.params}
         valid = np.zeros((b, k), bool)
-        n_members = np.zeros(b, int)
+        held = np.zeros((b, k), bool)
         for j, r in enumerate(regs):
             s = r.sources
             valid[j, : s.size] = True
-            n_members[j] = r.members.size
+            # Neighbours are measured by their own region; here they only hold their light.
+            held[j, r.members.size : s.size] = True
             init["x"][j, : s.size] = src["x"][s] - origins[j, 1]
             init["y"][j, : s.size] = src["y"][s] - origins[j, 0]
             init["flux"][j, : s.size] = np.maximum(src["flux"][s], 1e-3)
@@ -116,7 +117,7 @@ def _fit_all(img, good, src, psf, shape_vals, *, background, noise, max_sources,
         init["background"] = bg0 if nb == 1 else np.column_stack([bg0, np.zeros((b, 2))])
         res = fit_regions(
             crops, init, psf=psf, background=background, noise=noise, mask=masks,
-            valid=valid, fixed=fixed,
+            valid=valid, held=held, fixed=fixed,
         )  # fmt: skip
         p = {k_: np.asarray(v) for k_, v in res.params.items()}
         e = {k_: np.asarray(v) for k_, v in res.errors.items()}
@@ -154,22 +155,29 @@ def _fit_all(img, good, src, psf, shape_vals, *, background, noise, max_sources,
 
 
 def _prune(cat, sigma, min_snr):
-    """Keep sources that are significant and not merged into a brighter neighbour."""
-    # A source whose error is unknown (singular fit, flagged by its status) is kept.
-    snr_ok = (cat["snr"] >= min_snr) | ~np.isfinite(cat["snr"])
-    keep = np.isfinite(cat["x"]) & np.isfinite(cat["flux"]) & (cat["flux"] > 0) & snr_ok
+    """Which sources to keep: significant ones, not merged into a brighter neighbour.
+
+    Only the least significant source of a close group goes in one round: when a fit splits
+    one blend over three sources, all three look insignificant until one is removed.
+    """
+    x, y, snr = cat["x"], cat["y"], cat["snr"]
+    keep = np.isfinite(x) & np.isfinite(cat["flux"]) & (cat["flux"] > 0)
+    # A source whose error is unknown (singular fit, flagged by its status) is not judged.
+    weak = np.where(keep & np.isfinite(snr) & (snr < min_snr))[0]
+    protected = np.zeros(x.size, bool)
+    for i in weak[np.argsort(snr[weak])]:
+        if protected[i]:
+            continue
+        keep[i] = False
+        protected |= (x - x[i]) ** 2 + (y - y[i]) ** 2 < (2.5 * sigma) ** 2
     # Two sources within half a sigma are one source the fit split; keep the brighter.
-    order = np.argsort(-np.where(keep, cat["flux"], -np.inf))
-    xs, ys = cat["x"], cat["y"]
     kept: list[int] = []
-    for i in order:
+    for i in np.argsort(-np.where(keep, cat["flux"], -np.inf)):
         if not keep[i]:
             break
-        if kept:
-            d2 = (xs[kept] - xs[i]) ** 2 + (ys[kept] - ys[i]) ** 2
-            if np.any(d2 < (0.5 * sigma) ** 2):
-                keep[i] = False
-                continue
+        if kept and np.any((x[kept] - x[i]) ** 2 + (y[kept] - y[i]) ** 2 < (0.5 * sigma) ** 2):
+            keep[i] = False
+            continue
         kept.append(i)
     return keep
 
@@ -272,7 +280,7 @@ def fit_image(
     fit_kw = dict(background=background, noise=noise, max_sources=max_sources,
                   max_window=max_window, progress_bar=progress_bar)  # fmt: skip
     cat, n_regions = None, 0
-    for r in range(rounds + 1):
+    for _ in range(rounds + 3):  # a width fit, `rounds` searches, and refits after pruning
         if src["x"].size == 0:
             cat = empty_columns()
             break
@@ -290,18 +298,19 @@ def fit_image(
             src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
             continue  # refit with the shared width before judging anything
         keep = _prune(cat, width, min_snr)
-        if r == rounds:
-            break
-        # Hidden neighbours: significant peaks left in the residual.
         kept = {c: v[keep] for c, v in cat.items()}
-        model = model_image(kept, shape, psf=psf)
-        bg_map = estimate_background(img - model, good, sigma=width)
-        resid = img - model - bg_map
-        new = detect(resid, width, background=np.zeros(shape), **det_kw)
-        if new["x"].size and kept["x"].size:
-            d2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (new["y"][:, None] - kept["y"][None]) ** 2
-            far = d2.min(1) > width**2
-            new = {k: v[far] for k, v in new.items()}
+        new = {"x": np.zeros(0), "y": np.zeros(0), "flux_guess": np.zeros(0)}
+        if meta["rounds"] < rounds:
+            # Hidden neighbours: significant peaks left in the residual.
+            model = model_image(kept, shape, psf=psf)
+            bg_map = estimate_background(img - model, good, sigma=width)
+            new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
+            if new["x"].size and kept["x"].size:
+                d2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (
+                    new["y"][:, None] - kept["y"][None]
+                ) ** 2
+                new = {k: v[d2.min(1) > width**2] for k, v in new.items()}
+            meta["rounds"] += 1
         if new["x"].size == 0 and keep.all():
             break
         src = dict(
@@ -310,9 +319,8 @@ def fit_image(
             flux=np.concatenate([kept["flux"], np.maximum(new["flux_guess"], 1.0)]),
             background_map=bg_map,
         )
-        meta["rounds"] = r + 1
-    keep = _prune(cat, width, min_snr) if len(cat["x"]) else np.zeros(0, bool)
-    cat = {c: v[keep] for c, v in cat.items()}
+    if len(cat["x"]):
+        cat = {c: v[_prune(cat, width, min_snr)] for c, v in cat.items()}
     model = model_image(cat, shape, psf=psf)
     meta.update(
         sigma=sigma, n_regions=n_regions, noise_level=noise_level,

@@ -41,13 +41,13 @@ def loss_hessian(problem, u, data):
     src, bg = problem._split(u)
     k, nf = src.shape
     x, y = problem.grid(u.dtype)
-    held = {n: data["fixed"][n] for n in problem.names if n in problem.fixed}
+    fixed = {n: data["fixed"][n] for n in problem.names if n in problem.fixed}
 
-    def source_block(v, held_k, valid_k):
-        curvature = lambda v: _pixel_sum(r * problem._source_image(v, held_k, x, y))
+    def source_block(v, fixed_k, valid_k):
+        curvature = lambda v: _pixel_sum(r * problem._source_image(v, fixed_k, x, y))
         return valid_k * jax.hessian(curvature)(v)
 
-    blocks = jax.vmap(source_block)(src, held, data["valid"].astype(u.dtype))  # (K, nf, nf)
+    blocks = jax.vmap(source_block)(src, fixed, data["valid"].astype(u.dtype))  # (K, nf, nf)
     eye_k = jnp.eye(k, dtype=u.dtype)
     block_diag = (eye_k[:, None, :, None] * blocks[:, :, None, :]).reshape(k * nf, k * nf)
     h = h.at[: k * nf, : k * nf].add(block_diag)
@@ -68,33 +68,38 @@ def _mask_tangent(t, keep):
 
 @functools.cache
 def implicit_optimum(problem):
-    """`f(u_star, data, ok) -> u_star` whose derivative with respect to `data` is the implicit one.
+    """`f(u_star, u0, data, ok) -> u_star` whose derivative is the one of the implicit function
+    theorem.
 
-    Differentiable in forward and reverse mode, under `jit` and `vmap`, with respect to every array
-    in `data`: the image, the weights, and the held (`fixed`) parameters. `u_star` itself is treated
-    as a constant: the optimum does not depend on where the solver started.
+    `u_star` `(P,)` is the solver's result and `u0` `(P,)` its start. The active entries of
+    `u_star` (see `problem.active`) are the optimum: their derivative with respect to every array
+    in `data` (the image, the weights, the `fixed` parameters) is `-H⁻¹ ∂(grad_u L)/∂data`, and
+    they do not depend on `u0` at all. The inactive entries (padded or held sources) never moved
+    from `u0`, so they pass its derivative through, and the optimum depends on them through the
+    model like on any other data. Forward and reverse mode, under `jit` and `vmap`.
 
-    Padded sources (`valid` False) get an identity block in `H`, so they neither make it singular
-    nor move. A region with `ok` False (it did not converge), or whose Hessian is not positive
-    definite, gets an exact zero derivative, in both modes: the tangents of its data are masked
-    before they reach the solve, so a NaN there can never leak into a sum over the batch.
+    Inactive entries get an identity block in `H`, so they cannot make it singular. A region with
+    `ok` False (it did not converge), or whose Hessian is not positive definite, gets an exact
+    zero derivative of its optimum, in both modes: its tangents are masked before they reach the
+    solve, so a NaN there can never leak into a sum over the batch.
 
     **Arguments:** `problem` a `RegionProblem`.
 
-    **Returns:** `f(u_star, data, ok)`, with `u_star` `(P,)`, `data` the region's dict and `ok` a
-    boolean scalar.
+    **Returns:** `f(u_star, u0, data, ok)`, with `data` the region's dict and `ok` a boolean
+    scalar.
     """
 
     @jax.custom_jvp
-    def f(u, data, ok):
+    def f(u, u0, data, ok):
         return u
 
     @f.defjvp
     def f_jvp(primals, tangents):
-        u, data, ok = primals
-        _, ddata, _ = tangents
+        u, _, data, ok = primals
+        _, du0, ddata, _ = tangents
         dtype = u.dtype
         active = problem.active(data, dtype)
+        du0 = du0 * (1.0 - active)
         ok = ok & jnp.all(jnp.isfinite(u))
         # Linearise a failed region about a harmless point, so its (discarded) terms stay finite.
         u_lin = jnp.where(ok, u, jnp.zeros_like(u))
@@ -104,10 +109,10 @@ def implicit_optimum(problem):
         factor = cholesky(hess)
         good = ok & jnp.all(jnp.isfinite(factor))
         factor = jnp.where(good, factor, jnp.eye(u.shape[0], dtype=dtype))
-        ddata = jax.tree_util.tree_map(lambda t: _mask_tangent(t, good), ddata)
-        grad_u = lambda d: jax.grad(problem.loss)(u_lin, d) * active
-        _, dg = jax.jvp(grad_u, (data,), (ddata,))
+        ddata, du0_moved = jax.tree_util.tree_map(lambda t: _mask_tangent(t, good), (ddata, du0))
+        grad_u = lambda u, d: jax.grad(problem.loss)(u, d) * active
+        _, dg = jax.jvp(grad_u, (u_lin, data), (du0_moved, ddata))
         du = -cholesky_solve(factor, dg) * active
-        return u, jnp.where(good, du, jnp.zeros_like(du))
+        return u, jnp.where(good, du, jnp.zeros_like(du)) + du0
 
     return f

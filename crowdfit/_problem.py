@@ -33,7 +33,7 @@ class RegionProblem:
 
     The free vector `u` holds, source by source, the free source parameters in the order of
     `free_names`, then the background's parameters when they are free. `data` is a dict with
-    `image`, `mask`, `weight` (all `(H, W)`), `valid` `(K,)` and `fixed`: a dict of the held
+    `image`, `mask`, `weight` (all `(H, W)`), `valid` and `held` `(K,)`, and `fixed`: a dict of the held
     parameters (`(K,)` each, and `"background"` `(nb,)` when it is held).
     """
 
@@ -156,9 +156,9 @@ class RegionProblem:
 
     # -- statistics ------------------------------------------------------------------------
     def active(self, data, dtype):
-        """`(P,)` 1 for parameters the fit may move, 0 for padded sources' parameters."""
+        """`(P,)` 1 for parameters the fit may move, 0 for padded or held sources' parameters."""
         nf = len(self.free_names)
-        a = jnp.repeat(data["valid"].astype(dtype), nf)
+        a = jnp.repeat((data["valid"] & ~data["held"]).astype(dtype), nf)
         return jnp.concatenate([a, jnp.ones((self.n_background * self.background_free,), dtype)])
 
     def loss(self, u, data):

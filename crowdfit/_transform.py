@@ -20,12 +20,12 @@ _EDGE = 1e-4  # fraction of a bounded interval kept clear of its ends when start
 def bounds_for(name: str, shape: tuple[int, int]):
     """`("interval", lo, hi)`, `("positive",)` or `("free",)` for a parameter of a window."""
     h, w = shape
-    # Positions may leave the window by half its size: a neighbour just outside a window, whose
-    # light reaches in, is fitted too. Further out the window cannot tell where it is.
+    # Positions may leave the window by its own size: a neighbour just outside a window, whose
+    # light reaches in, can be fitted or held there.
     if name == "x":
-        return ("interval", -0.5 - w / 2, w - 0.5 + w / 2)
+        return ("interval", -0.5 - w, 2 * w - 0.5)
     if name == "y":
-        return ("interval", -0.5 - h / 2, h - 0.5 + h / 2)
+        return ("interval", -0.5 - h, 2 * h - 0.5)
     if name in ("sigma", "sigma_x", "sigma_y"):
         return ("interval", SIGMA_MIN, float(max(h, w)))
     if name == "flux":
