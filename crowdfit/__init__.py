@@ -3,19 +3,39 @@
 import importlib.metadata
 
 from ._background import BACKGROUNDS as BACKGROUNDS
-from ._catalog import Catalog as Catalog, model_image as model_image, residual_image as residual_image
+from ._baseline import per_spot_fit as per_spot_fit
+from ._catalog import Catalog as Catalog
+from ._catalog import model_image as model_image
+from ._catalog import residual_image as residual_image
+from ._crlb import CRLBResult as CRLBResult
+from ._crlb import crlb as crlb
 from ._fit import fit_regions as fit_regions
 from ._image import fit_image as fit_image
-from ._match import MatchResult as MatchResult, match as match
-from ._noise import NoiseModel as NoiseModel, get_noise as get_noise
-from ._psf import PSF as PSF, PSF_NAMES as PSF_NAMES, amplitude as amplitude, get_psf as get_psf
+from ._io import read_image as read_image
+from ._match import MatchResult as MatchResult
+from ._match import match as match
+from ._noise import NoiseModel as NoiseModel
+from ._noise import get_noise as get_noise
+from ._psf import PSF as PSF
+from ._psf import PSF_NAMES as PSF_NAMES
+from ._psf import amplitude as amplitude
+from ._psf import get_psf as get_psf
 from ._simulate import (
     lognormal_flux as lognormal_flux,
+)
+from ._simulate import (
     powerlaw_flux as powerlaw_flux,
+)
+from ._simulate import (
     simulate_field as simulate_field,
+)
+from ._simulate import (
     simulate_pairs as simulate_pairs,
+)
+from ._simulate import (
     simulate_spots as simulate_spots,
 )
-from ._solution import FitResult as FitResult, Status as Status
+from ._solution import FitResult as FitResult
+from ._solution import Status as Status
 
 __version__ = importlib.metadata.version("crowdfit")

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 __all__ = ["BACKGROUNDS", "n_background_params", "render_background"]
 
 BACKGROUNDS = {"constant": 1, "plane": 3}

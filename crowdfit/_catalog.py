@@ -152,7 +152,7 @@ def model_image(catalog, shape, *, psf=None, background=None):
         )  # fmt: skip
     if isinstance(background, str):
         if background != "catalog":
-            raise ValueError(f"background must be None, a number, an array or 'catalog'")
+            raise ValueError("background must be None, a number, an array or 'catalog'")
         background = meta.get("background_image")
     if background is not None:
         out = out + np.broadcast_to(np.asarray(background, float), (h, w))

@@ -97,9 +97,9 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             cov = cov * jnp.where(finite, chi2_reduced, 1.0)
         singular = ~finite | ~invertible | ~jnp.all(jnp.isfinite(cov))
         cov = jnp.where(singular, jnp.nan, cov)
-        status = jnp.where(
-            singular & (status == Status.CONVERGED), Status.SINGULAR, status
-        ).astype(jnp.int32)
+        status = jnp.where(singular & (status == Status.CONVERGED), Status.SINGULAR, status).astype(
+            jnp.int32
+        )
         var = jnp.diagonal(cov)
         positive = ~singular & (var > 0)
         sd = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
@@ -234,11 +234,7 @@ def fit_regions(
     images = jnp.asarray(images)
     if images.ndim != 3:
         raise ValueError(f"images must have shape (B, H, W), got shape {images.shape}")
-    dtype = (
-        images.dtype
-        if jnp.issubdtype(images.dtype, jnp.floating)
-        else jnp.asarray(0.0).dtype
-    )
+    dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else jnp.asarray(0.0).dtype
     images = _as_float(images, dtype, "images")
     b, h, w = images.shape
     if b == 0:
@@ -249,8 +245,9 @@ def fit_regions(
     names = psf.params if psf.params is not None else tuple(n for n in init if n != "background")
     missing = [n for n in (*names, "background") if n not in init]
     if missing:
-        raise ValueError(f"init is missing {missing} (psf {psf.name!r} needs {list(names)} and "
-                         "'background')")
+        raise ValueError(
+            f"init is missing {missing} (psf {psf.name!r} needs {list(names)} and 'background')"
+        )
     extra = [n for n in init if n not in (*names, "background")]
     if extra:
         raise ValueError(f"init has unknown parameters {extra} for psf {psf.name!r}")
@@ -336,8 +333,10 @@ def fit_regions(
             piece = jax.tree_util.tree_map(pad, piece)
         out = fn(*piece)
         pieces.append(jax.tree_util.tree_map(lambda a, n=n: a[:n], out))
-    out = pieces[0] if len(pieces) == 1 else jax.tree_util.tree_map(
-        lambda *a: jnp.concatenate(a), *pieces
+    out = (
+        pieces[0]
+        if len(pieces) == 1
+        else jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *pieces)
     )
     params_out = out["params"]
     if nb == 1:

@@ -65,8 +65,20 @@ def _shape_values(psf, sigma):
     return out
 
 
-def _fit_all(img, good, src, psf, shape_vals, *, background, noise, max_sources, max_window,
-             free_shape, progress_bar):
+def _fit_all(
+    img,
+    good,
+    src,
+    psf,
+    shape_vals,
+    *,
+    background,
+    noise,
+    max_sources,
+    max_window,
+    free_shape,
+    progress_bar,
+):
     """Fit every source jointly with its neighbours; returns per-source results (members)."""
     h, w = img.shape
     sigma = max(v for k, v in shape_vals.items() if k != "angle")
@@ -138,9 +150,7 @@ def _fit_all(img, good, src, psf, shape_vals, *, background, noise, max_sources,
             if nb == 1:
                 out["background"][s] = bgp
             else:
-                out["background"][s] = (
-                    bgp[0] + bgp[1] * p["x"][j, :m] + bgp[2] * p["y"][j, :m]
-                )
+                out["background"][s] = bgp[0] + bgp[1] * p["x"][j, :m] + bgp[2] * p["y"][j, :m]
             out["group"][s] = r.group
             out["status"][s] = status[j]
             out["iterations"][s] = int(res.iterations[j])

@@ -1,5 +1,4 @@
-"""A progress bar for long host loops: tqdm when it is installed, a plain text line otherwise.
-"""
+"""A progress bar for long host loops: tqdm when it is installed, a plain text line otherwise."""
 
 from __future__ import annotations
 

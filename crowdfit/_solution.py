@@ -1,5 +1,4 @@
-"""What a fit returns: a small pytree of batched arrays, and the status codes of a region.
-"""
+"""What a fit returns: a small pytree of batched arrays, and the status codes of a region."""
 
 from __future__ import annotations
 

@@ -103,7 +103,5 @@ def levenberg_marquardt(problem, u0, data, *, max_iter: int, tol: float, unroll:
     if unroll:
         state, _ = jax.lax.scan(lambda s, _: (step(s), None), state, None, length=max_iter)
     else:
-        state = jax.lax.while_loop(
-            lambda s: ~s.done & (s.iteration < max_iter), step, state
-        )
+        state = jax.lax.while_loop(lambda s: ~s.done & (s.iteration < max_iter), step, state)
     return state.u, state.status, state.iteration

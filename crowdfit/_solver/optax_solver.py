@@ -40,9 +40,7 @@ def optax_minimise(problem, u0, data, *, solver, max_iter: int, tol: float, unro
         u, state, loss_prev, it, done, status = carry
         value, grad = value_and_grad(u)
         grad = grad * active
-        updates, new_state = solver.update(
-            grad, state, u, value=value, grad=grad, value_fn=loss_fn
-        )
+        updates, new_state = solver.update(grad, state, u, value=value, grad=grad, value_fn=loss_fn)
         u_new = u + updates * active
         loss_new = loss_fn(u_new)
         finite = jnp.isfinite(loss_new) & jnp.all(jnp.isfinite(u_new))

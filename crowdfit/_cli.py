@@ -1,0 +1,88 @@
+"""The `crowdfit` command line: `crowdfit fit IMAGE`, `crowdfit demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _fit(args) -> int:
+    from ._image import fit_image
+    from ._io import read_image
+
+    image = read_image(args.image, mmap=False)
+    if image.ndim == 3 and image.shape[-1] not in (3, 4):
+        print(
+            f"{args.image} holds a stack of {image.shape[0]} frames; fitting the first "
+            "(use `crowdfit traces` for movies)",
+            file=sys.stderr,
+        )
+        image = image[0]
+    cat = fit_image(
+        image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
+        threshold=args.threshold, offset=args.offset, progress_bar=not args.quiet,
+    )  # fmt: skip
+    out = args.out or "catalog.csv"
+    cat.to_csv(out)
+    s = cat.meta.get("sigma")
+    print(f"{len(cat)} sources (sigma {s}) written to {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from ._demo import run_demo
+
+    run_demo(quick=args.quick, out=args.out, seed=args.seed)
+    return 0
+
+
+def _compilation_cache():
+    # Compiled programs are kept on disk, so a second run of the command starts at once.
+    import os
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        path = os.path.join(os.path.expanduser("~"), ".cache", "crowdfit", "jax")
+        jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def main(argv=None) -> int:
+    """Entry point of the `crowdfit` command."""
+    parser = argparse.ArgumentParser(
+        prog="crowdfit", description="Joint fitting of overlapping spots and stars."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="detect and fit every source of an image")
+    fit.add_argument("image", help="TIFF, PNG or .npy image")
+    fit.add_argument("--psf", default="gaussian")
+    fit.add_argument("--sigma", type=float, default=None, help="PSF width (default: estimate)")
+    fit.add_argument("--background", default="constant", choices=["constant", "plane"])
+    fit.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson"])
+    fit.add_argument("--threshold", type=float, default=None, help="detection threshold (σ)")
+    fit.add_argument("--offset", type=float, default=0.0, help="camera offset to subtract")
+    fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.set_defaults(func=_fit)
+
+    demo = sub.add_parser("demo", help="the seed question's field and an 8x denser one")
+    demo.add_argument("--quick", action="store_true", help="smaller fields")
+    demo.add_argument("--out", default="crowdfit_demo.png", help="PNG of the fits")
+    demo.add_argument("--seed", type=int, default=4)
+    demo.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    _compilation_cache()
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"crowdfit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
