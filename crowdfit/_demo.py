@@ -1,4 +1,4 @@
-"""`crowdfit demo`: the seed question's field and an 8× denser one, crowdfit against per-spot fits."""
+"""`crowdfit demo`: the seed question's field and an 8× denser one, against per-spot fits."""
 
 from __future__ import annotations
 

@@ -140,6 +140,10 @@ def _errors(problem, sd, valid):
     return out
 
 
+def _pad(a, size):
+    return jnp.concatenate([a, jnp.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)])
+
+
 def _source_mask(a, default, b, k, name):
     if a is None:
         return jnp.full((b, k), default, bool)
@@ -329,8 +333,7 @@ def fit_regions(
         size = _bucket(n, max_batch)
         if size > n:
             # Padding regions: no pixels, no sources; they converge at once and are dropped.
-            pad = lambda a: jnp.concatenate([a, jnp.zeros((size - n, *a.shape[1:]), a.dtype)])
-            piece = jax.tree_util.tree_map(pad, piece)
+            piece = jax.tree_util.tree_map(functools.partial(_pad, size=size), piece)
         out = fn(*piece)
         pieces.append(jax.tree_util.tree_map(lambda a, n=n: a[:n], out))
     out = (

@@ -22,7 +22,7 @@ def cholesky(a):
         cols = []
         for j in range(p):
             col = a[:, j]
-            for k, c in enumerate(cols):
+            for c in cols:
                 col = col - c * c[j]
             d = jnp.sqrt(col[j])
             col = jnp.where(jnp.arange(p) >= j, col / d, 0.0)

@@ -33,12 +33,13 @@ class NoiseModel:
     def grad(self, mu, d, w):
         if self.gradient is not None:
             return self.gradient(mu, d, w)
-        return jax.grad(self.loss)(mu, d, w)
+        # The loss is per pixel, so the gradient of its sum is the per-pixel derivative.
+        return jax.grad(lambda m: jnp.sum(self.loss(m, d, w)))(mu)
 
     def curvature(self, mu, d, w):
         if self.fisher is not None:
             return self.fisher(mu, d, w)
-        return jax.grad(jax.grad(self.loss))(mu, d, w)
+        return jax.jvp(lambda m: self.grad(m, d, w), (mu,), (jnp.ones_like(mu),))[1]
 
 
 # Model values below this floor are treated as this floor by the Poisson likelihood.

@@ -33,8 +33,8 @@ class RegionProblem:
 
     The free vector `u` holds, source by source, the free source parameters in the order of
     `free_names`, then the background's parameters when they are free. `data` is a dict with
-    `image`, `mask`, `weight` (all `(H, W)`), `valid` and `held` `(K,)`, and `fixed`: a dict of the held
-    parameters (`(K,)` each, and `"background"` `(nb,)` when it is held).
+    `image`, `mask`, `weight` (all `(H, W)`), `valid` and `held` `(K,)`, and `fixed`: a dict of
+    the fixed parameters (`(K,)` each, and `"background"` `(nb,)` when it is fixed).
     """
 
     psf: PSF
@@ -56,6 +56,21 @@ class RegionProblem:
     @property
     def background_free(self):
         return "background" not in self.fixed
+
+    @property
+    def positive_background(self):
+        # Poisson counts: a negative constant background would let zero-count pixels pull the
+        # model below zero, where the likelihood is undefined.
+        return self.noise.name == "poisson" and self.background == "constant"
+
+    def _bg_natural(self, ub):
+        return jax.nn.softplus(ub) if self.positive_background else ub
+
+    def _bg_internal(self, b):
+        if not self.positive_background:
+            return b
+        b = jnp.maximum(b, 1e-3)
+        return b + jnp.log(-jnp.expm1(-b))
 
     @property
     def size(self):
@@ -81,7 +96,7 @@ class RegionProblem:
         src = [to_internal(n, params[n], self.shape) for n in self.free_names]
         parts = [jnp.stack(src, axis=-1).reshape(self.n_sources * nf)] if nf else []
         if self.background_free:
-            parts.append(jnp.atleast_1d(params["background"]))
+            parts.append(self._bg_internal(jnp.atleast_1d(params["background"])))
         return jnp.concatenate(parts) if parts else jnp.zeros((0,))
 
     def _split(self, u):
@@ -98,7 +113,8 @@ class RegionProblem:
             for i, n in enumerate(self.free_names)
         ]
         d = jnp.stack(cols, axis=-1).reshape(-1) if cols else jnp.zeros((0,), u.dtype)
-        return jnp.concatenate([d, jnp.ones_like(bg)])
+        d_bg = jax.vmap(jax.grad(self._bg_natural))(bg) if bg.size else bg
+        return jnp.concatenate([d, d_bg])
 
     def unpack(self, u, fixed):
         """`u` and the held parameters to natural parameters (`(K,)` each, background `(nb,)`)."""
@@ -107,7 +123,7 @@ class RegionProblem:
         for n in self.names:
             if n in self.fixed:
                 out[n] = fixed[n]
-        out["background"] = bg if self.background_free else fixed["background"]
+        out["background"] = self._bg_natural(bg) if self.background_free else fixed["background"]
         return out
 
     # -- model -----------------------------------------------------------------------------
@@ -122,7 +138,7 @@ class RegionProblem:
         x, y = self.grid(u.dtype)
         held = {n: data["fixed"][n] for n in self.names if n in self.fixed}
         imgs = jax.vmap(self._source_image, in_axes=(0, 0, None, None))(src, held, x, y)
-        b = bg if self.background_free else data["fixed"]["background"]
+        b = self._bg_natural(bg) if self.background_free else data["fixed"]["background"]
         valid = data["valid"].astype(u.dtype)
         return jnp.tensordot(valid, imgs, axes=1) + render_background(self.background, b, x, y)
 
@@ -146,12 +162,14 @@ class RegionProblem:
         jacs = jacs * valid[:, None, None, None]
         npix = self.shape[0] * self.shape[1]
         j_src = jnp.moveaxis(jacs, 3, 1).reshape(-1, npix)
-        b = bg if self.background_free else data["fixed"]["background"]
         bg_img = lambda b: jnp.broadcast_to(render_background(self.background, b, x, y), self.shape)
-        mu = imgs.sum(0) + bg_img(b)
         if self.background_free:
-            j_bg = jnp.moveaxis(jax.jacfwd(bg_img)(b), 2, 0).reshape(-1, npix)
+            bg_img_u = lambda ub: bg_img(self._bg_natural(ub))
+            mu = imgs.sum(0) + bg_img_u(bg)
+            j_bg = jnp.moveaxis(jax.jacfwd(bg_img_u)(bg), 2, 0).reshape(-1, npix)
             j_src = jnp.concatenate([j_src, j_bg.astype(j_src.dtype)])
+        else:
+            mu = imgs.sum(0) + bg_img(data["fixed"]["background"])
         return mu, j_src
 
     # -- statistics ------------------------------------------------------------------------

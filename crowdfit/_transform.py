@@ -1,7 +1,7 @@
 """Constraints by reparameterisation: each bounded parameter is a smooth function of a free one.
 
-Positions stay in (or near) the window, widths within sane bounds, fluxes non-negative; the solver works
-on the unconstrained values, so no step is ever clipped.
+Positions stay in (or near) the window, widths within sane bounds, fluxes non-negative; the
+solver works on the unconstrained values, so no step is ever clipped.
 """
 
 from __future__ import annotations
