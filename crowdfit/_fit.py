@@ -25,9 +25,6 @@ from ._solver import levenberg_marquardt, optax_minimise
 
 __all__ = ["fit_regions"]
 
-# Batches are padded to a power of two no smaller than this, and fitted in pieces no larger
-# than `max_batch`, so any number of regions compiles at most a handful of programs.
-_MIN_BUCKET = 8
 _TRACE_COUNT = [0]  # incremented each time a fit program is traced (tests use it)
 
 
@@ -35,16 +32,21 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
-def _default_chunk() -> int:
-    # On CPU a vmapped while_loop runs every region as long as the slowest one: small chunks
-    # (mapped one after another) waste less; a GPU wants the whole batch at once.
-    return 64 if jax.default_backend() == "cpu" else 1 << 30
+def _default_sizes() -> tuple[int, int]:
+    """`(chunk_size, max_batch)` for the default backend.
+
+    On CPU a vmapped while_loop runs every region as long as the slowest one, so regions are
+    vmapped in small chunks mapped one after another; a GPU wants big batches at once.
+    """
+    return (64, 1024) if jax.default_backend() == "cpu" else (4096, 16384)
 
 
-def _bucket(n: int, max_batch: int) -> int:
-    b = _MIN_BUCKET
-    while b < n:
-        b *= 2
+def _bucket(n: int, chunk: int, max_batch: int) -> int:
+    # Batch sizes chunk, 4 chunk, 16 chunk, ... up to max_batch: a batch of any size compiles
+    # one of a few programs (three with the defaults), and a small one wastes little.
+    b = chunk
+    while b < n and b < max_batch:
+        b *= 4
     return min(b, max_batch)
 
 
@@ -178,7 +180,7 @@ def fit_regions(
     tol: float = 1e-5,
     adjoint: str = "implicit",
     chunk_size: int | None = None,
-    max_batch: int = 4096,
+    max_batch: int | None = None,
     progress_bar: bool | None = None,
 ) -> FitResult:
     """Fit `B` windows, each a sum of up to `K` sources plus one shared background, jointly.
@@ -209,8 +211,10 @@ def fit_regions(
       expected contribution to the loss (see `levenberg_marquardt`).
     - `adjoint`: `"implicit"` (exact gradients by the implicit function theorem, default) or
       `"unroll"` (differentiate through a fixed `max_iter` steps; slower, for comparison).
-    - `chunk_size`: regions vmapped together (default 64 on CPU, everything on GPU).
-    - `max_batch`: largest batch compiled at once; bigger inputs are fitted piece by piece.
+    - `chunk_size`: regions vmapped together (default 64 on CPU, 4096 on GPU).
+    - `max_batch`: largest batch compiled at once (default 1024 on CPU, 16384 on GPU); bigger
+      inputs are fitted piece by piece. Batches are padded to `chunk_size` times a power of 4,
+      so repeated calls of any size reuse a few compiled programs.
     - `progress_bar`: show progress over pieces (default: when there are several, on a terminal).
 
     **Returns:** a `FitResult` with `params`, `errors`, `covariance`, `status`, `iterations`,
@@ -320,7 +324,9 @@ def fit_regions(
         weights = jnp.where(mask, weights, 0.0)
 
     problem = RegionProblem(psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w))
-    chunk = chunk_size or _default_chunk()
+    default_chunk, default_max = _default_sizes()
+    max_batch = int(max_batch or max(default_max, chunk_size or 0))
+    chunk = min(int(chunk_size or default_chunk), max_batch)
     fn = _program(problem, solver, int(max_iter), float(tol), adjoint, int(chunk), known_scale)
 
     mask_f = mask.astype(dtype)
@@ -330,7 +336,7 @@ def fit_regions(
     for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):
         piece = jax.tree_util.tree_map(lambda a, s=s: a[s : s + max_batch], inputs)
         n = piece[0].shape[0]
-        size = _bucket(n, max_batch)
+        size = _bucket(n, chunk, max_batch)
         if size > n:
             # Padding regions: no pixels, no sources; they converge at once and are dropped.
             piece = jax.tree_util.tree_map(functools.partial(_pad, size=size), piece)

@@ -21,7 +21,7 @@ from ._psf import amplitude, get_psf
 __all__ = ["fit_image"]
 
 _SHAPE_NAMES = ("sigma", "sigma_x", "sigma_y", "angle")
-_K_BUCKETS = (1, 2, 4, 8, 16)
+_K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32)
 
 

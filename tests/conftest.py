@@ -1,10 +1,19 @@
 """Shared test set-up: strict JAX, float64 on demand, and small helpers."""
 
+import os
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Compiled programs are shared between test processes and the notebooks they run.
+CACHE_DIR = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "crowdfit-jax-cache")
+)
+jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture

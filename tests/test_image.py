@@ -1,0 +1,132 @@
+"""fit_image: the seed question's field, a crowded one, bad input, the catalog and the CLI."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import crowdfit
+from crowdfit._cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def seed_field():
+    return crowdfit.simulate_field((200, 400), 50, seed=4)
+
+
+@pytest.fixture(scope="module")
+def seed_catalog(seed_field):
+    image, _ = seed_field
+    return crowdfit.fit_image(image)  # sigma estimated from the data
+
+
+def test_seed_scenario_every_spot_found(seed_field, seed_catalog):
+    _, truth = seed_field
+    m = crowdfit.match(truth, seed_catalog, radius=1.0)
+    assert m.n_matched == 50
+    assert m.flux_error_median_abs <= 0.02
+    assert seed_catalog.meta["sigma"] == pytest.approx(2.0, rel=0.03)
+    assert np.all(seed_catalog["status"] == 0)
+
+
+@pytest.mark.slow
+def test_dense_field_recall_and_flux_bias():
+    image, truth = crowdfit.simulate_field((200, 400), 400, seed=4)
+    cat = crowdfit.fit_image(image, sigma=2.0)
+    m = crowdfit.match(truth, cat, radius=1.0)
+    assert m.recall >= 0.85
+    assert m.precision >= 0.95
+    assert abs(m.flux_bias_median) <= 0.01
+    # The mean is pulled up by pairs closer than ~1 sigma, fitted as one source (see README).
+    assert abs(m.flux_bias_mean) <= 0.05
+
+
+def test_catalog_columns_and_io(seed_catalog, tmp_path):
+    cat = seed_catalog
+    required = {"x", "y", "flux", "flux_err", "x_err", "y_err", "sigma_x", "sigma_y",
+                "background", "amplitude", "group", "status", "iterations", "chi2_reduced"}
+    assert required <= set(cat.columns)
+    assert len(cat) == len(cat["x"]) == 50
+    assert isinstance(cat["flux"], np.ndarray)
+    row = cat[0]
+    assert set(row) == set(cat.columns)
+    np.testing.assert_allclose(cat["amplitude"], cat["flux"] / (2 * np.pi * cat["sigma_x"]
+                                                                * cat["sigma_y"]))
+    assert np.all(cat["flux_err"] > 0) and np.all(cat["x_err"] < 0.2)
+    path = tmp_path / "cat.csv"
+    cat.to_csv(path)
+    back = crowdfit.Catalog.read_csv(path)
+    np.testing.assert_allclose(back["x"], cat["x"])
+    np.testing.assert_array_equal(back["status"], cat["status"])
+    df = cat.to_pandas()
+    assert len(df) == 50 and "flux_err" in df
+
+
+def test_model_and_residual(seed_field, seed_catalog):
+    image, _ = seed_field
+    resid = crowdfit.residual_image(image, seed_catalog)
+    # What is left is the noise: N(0, 5).
+    assert abs(np.median(resid)) < 0.5
+    assert np.std(resid) == pytest.approx(5.0, rel=0.05)
+    model = crowdfit.model_image(seed_catalog, image.shape)
+    assert model.sum() == pytest.approx(seed_catalog["flux"].sum(), rel=0.01)
+
+
+def test_bad_pixels_are_masked_with_a_warning():
+    image, truth = crowdfit.simulate_field((64, 64), 6, seed=2, border=8)
+    image[10, 10] = np.nan
+    image[20, 5:8] = np.inf
+    with pytest.warns(UserWarning, match="4 non-finite"):
+        cat = crowdfit.fit_image(image, sigma=2.0)
+    assert crowdfit.match(truth, cat).recall == 1.0
+    mask = np.ones(image.shape, bool)
+    mask[10, 10] = mask[20, 5:8] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked = crowdfit.fit_image(image, sigma=2.0, mask=mask)
+    np.testing.assert_allclose(masked["flux"], cat["flux"])
+
+
+def test_empty_image_gives_empty_catalog():
+    rng = np.random.default_rng(0)
+    cat = crowdfit.fit_image(rng.normal(5.0, 5.0, (48, 48)), sigma=2.0)
+    assert len(cat) == 0
+    assert "flux" in cat.columns
+
+
+def test_border_spot_is_fitted():
+    image, truth = crowdfit.simulate_field(
+        (40, 40), 1, positions=np.array([[0.6, 20.3]]), seed=3
+    )
+    cat = crowdfit.fit_image(image, sigma=2.0)
+    assert len(cat) == 1
+    assert abs(cat["x"][0] - 0.6) < 0.3 and abs(cat["y"][0] - 20.3) < 0.3
+    assert cat["flux"][0] == pytest.approx(truth["flux"][0], rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, image, message",
+    [
+        ({}, np.zeros(10), "2-D image"),
+        ({}, np.zeros((2, 2, 8, 8)), "2-D image"),
+        ({"sigma": -1.0}, np.zeros((16, 16)), "positive"),
+        ({"psf": "moffat"}, np.zeros((16, 16)), "unknown psf"),
+        ({"noise": "cauchy"}, np.zeros((16, 16)), "unknown noise"),
+    ],
+)
+def test_bad_input(kwargs, image, message):
+    with pytest.raises(ValueError, match=message):
+        crowdfit.fit_image(image, **kwargs)
+
+
+def test_cli_fit(tmp_path, seed_field, capsys):
+    image, truth = seed_field
+    path = tmp_path / "field.npy"
+    np.save(path, image.astype(np.float32))
+    out = tmp_path / "cat.csv"
+    assert cli_main(["fit", str(path), "--sigma", "2", "--out", str(out), "--quiet"]) == 0
+    assert "50 sources" in capsys.readouterr().out
+    cat = crowdfit.Catalog.read_csv(out)
+    assert crowdfit.match(truth, cat).n_matched == 50
+    assert cli_main(["fit", str(tmp_path / "missing.tif")]) == 2
+    assert "no such file" in capsys.readouterr().err
