@@ -38,4 +38,7 @@ from ._simulate import (
 from ._solution import FitResult as FitResult
 from ._solution import Status as Status
 
-__version__ = importlib.metadata.version("crowdfit")
+try:
+    __version__ = importlib.metadata.version("crowdfit")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree without installing
+    __version__ = "0+unknown"

@@ -1,4 +1,4 @@
-"""The `crowdfit` command line: `crowdfit fit IMAGE`, `crowdfit demo`."""
+"""The `crowdfit` command line: `crowdfit fit IMAGE`, `crowdfit traces MOVIE`, `crowdfit demo`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,26 @@ def _fit(args) -> int:
     cat.to_csv(out)
     s = cat.meta.get("sigma")
     print(f"{len(cat)} sources (sigma {s}) written to {out}")
+    return 0
+
+
+def _projection(value: str):
+    return value if value in ("mean", "max") else int(value)
+
+
+def _traces(args) -> int:
+    from ._io import read_image
+    from ._movie import fit_movie
+
+    frames = read_image(args.movie)
+    traces = fit_movie(
+        frames, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
+        projection=args.projection, drift=args.drift, threshold=args.threshold,
+        offset=args.offset, progress_bar=not args.quiet,
+    )  # fmt: skip
+    traces.to_csv(args.out)
+    s = traces.catalog.meta.get("sigma")
+    print(f"{len(traces)} spots x {traces.n_frames} frames (sigma {s}) written to {args.out}")
     return 0
 
 
@@ -68,6 +88,23 @@ def main(argv=None) -> int:
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
+
+    traces = sub.add_parser("traces", help="intensity trace of every spot of a (T, H, W) movie")
+    traces.add_argument("movie", help="TIFF stack or .npy movie (memory-mapped)")
+    traces.add_argument("--psf", default="gaussian")
+    traces.add_argument("--sigma", type=float, default=None, help="PSF width (default: estimate)")
+    traces.add_argument("--background", default="constant", choices=["constant", "plane"])
+    traces.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson"])
+    traces.add_argument(
+        "--projection", type=_projection, default="mean",
+        help="find spots on the 'mean' or 'max' of the frames, or the mean of the first N",
+    )  # fmt: skip
+    traces.add_argument("--drift", action="store_true", help="fit positions in every frame")
+    traces.add_argument("--threshold", type=float, default=None, help="detection threshold (σ)")
+    traces.add_argument("--offset", type=float, default=0.0, help="camera offset to subtract")
+    traces.add_argument("--out", default="traces.csv", help="output CSV (long format)")
+    traces.add_argument("--quiet", action="store_true", help="no progress bar")
+    traces.set_defaults(func=_traces)
 
     demo = sub.add_parser("demo", help="the seed question's field and an 8x denser one")
     demo.add_argument("--quick", action="store_true", help="smaller fields")

@@ -13,19 +13,21 @@ import jax.numpy as jnp
 
 from ._background import render_background
 from ._linalg import cholesky, cholesky_solve
-from ._problem import _pixel_sum
+from ._problem import RegionProblem, _pixel_sum
 
 __all__ = ["implicit_optimum", "loss_hessian"]
 
 
-def loss_hessian(problem, u, data):
+def loss_hessian(problem: RegionProblem, u: jax.Array, data: dict) -> jax.Array:
     """Full `(P, P)` Hessian of `problem.loss` with respect to `u`, assembled by hand.
 
     The model is a sum of sources, each moved only by its own parameters, plus a background, so
     `H = Jᵀ diag(ℓ'') J + Σ_k ℓ'ᵀ ∇²(source k) + ℓ'ᵀ ∇²(background)`, with `J` the model's Jacobian
     and `ℓ'`, `ℓ''` the per-pixel loss's first and second derivatives in the model value (the
-    observed curvature, not the Fisher weight). The second-order terms are small per-source blocks,
-    which makes this about twice as fast as `jax.hessian` of the loss, and exact all the same.
+    observed curvature, not the Fisher weight that Levenberg–Marquardt uses). The second-order
+    terms are small per-source blocks, so this costs a few times less than `jax.hessian` of the
+    loss for regions of several sources (whose cost grows as the square of their number), and is
+    exact all the same (`tests/test_gradients.py` holds it to `jax.hessian`).
 
     **Arguments:** `problem` a `RegionProblem`, `u` the `(P,)` free parameters, `data` the region.
 
@@ -67,7 +69,7 @@ def _mask_tangent(t, keep):
 
 
 @functools.cache
-def implicit_optimum(problem):
+def implicit_optimum(problem: RegionProblem):
     """`f(u_star, u0, data, ok) -> u_star` whose derivative is the one of the implicit function
     theorem.
 

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One short GPU check of crowdfit from its source tree (no pip install): the devices JAX sees, then
+# the throughput benchmarks at GPU sizes. Needs jax (CUDA), optax, scikit-image, numpy, scipy.
+# Output goes to the terminal and, when $OUT is set, to $OUT/gpu_log.txt. About 4 min on an H100.
+#
+#     bash benchmarks/gpu_check.sh            # from the repository root
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python}"
+LOG=/dev/null
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    LOG="$OUT/gpu_log.txt"
+fi
+
+run() {  # run STEP_SECONDS CMD...: bounded, its output teed, its exit status noted
+    local limit=$1
+    shift
+    echo "=== $* (limit ${limit} s)"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "=== exit $rc after $((SECONDS - t0)) s"
+    return 0
+}
+
+{
+    echo "=== crowdfit GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    run 60 "$PY" -c "import jax, crowdfit; print('jax', jax.__version__, jax.default_backend(), jax.devices())"
+    run 150 "$PY" benchmarks/gpu_fits.py --json "${OUT:-/tmp}/gpu_fits.json"
+    if [ -f benchmarks/fit_throughput.py ]; then
+        run 120 "$PY" benchmarks/fit_throughput.py --gpu
+        if [ -n "${OUT:-}" ] && [ -f benchmarks/results/fit_throughput_gpu.md ]; then
+            cp benchmarks/results/fit_throughput_gpu.md "$OUT/"
+        fi
+    fi
+    echo "=== done in $SECONDS s"
+} 2>&1 | tee "$LOG"
