@@ -14,27 +14,19 @@ from ._image import fit_image as fit_image
 from ._io import read_image as read_image
 from ._match import MatchResult as MatchResult
 from ._match import match as match
+from ._movie import Traces as Traces
+from ._movie import fit_movie as fit_movie
 from ._noise import NoiseModel as NoiseModel
 from ._noise import get_noise as get_noise
 from ._psf import PSF as PSF
 from ._psf import PSF_NAMES as PSF_NAMES
 from ._psf import amplitude as amplitude
 from ._psf import get_psf as get_psf
-from ._simulate import (
-    lognormal_flux as lognormal_flux,
-)
-from ._simulate import (
-    powerlaw_flux as powerlaw_flux,
-)
-from ._simulate import (
-    simulate_field as simulate_field,
-)
-from ._simulate import (
-    simulate_pairs as simulate_pairs,
-)
-from ._simulate import (
-    simulate_spots as simulate_spots,
-)
+from ._simulate import lognormal_flux as lognormal_flux
+from ._simulate import powerlaw_flux as powerlaw_flux
+from ._simulate import simulate_field as simulate_field
+from ._simulate import simulate_pairs as simulate_pairs
+from ._simulate import simulate_spots as simulate_spots
 from ._solution import FitResult as FitResult
 from ._solution import Status as Status
 
