@@ -32,13 +32,19 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
-def _default_sizes() -> tuple[int, int]:
-    """`(chunk_size, max_batch)` for the default backend.
+def _default_sizes(work: int) -> tuple[int, int]:
+    """`(chunk_size, max_batch)` for the default backend and `work` = sources × pixels a region.
 
     On CPU a vmapped while_loop runs every region as long as the slowest one, so regions are
-    vmapped in small chunks mapped one after another; a GPU wants big batches at once.
+    vmapped in small chunks mapped one after another (smaller for bigger regions, which also
+    bounds the padding of a small batch); a GPU wants big batches at once.
     """
-    return (64, 1024) if jax.default_backend() == "cpu" else (4096, 16384)
+    if jax.default_backend() != "cpu":
+        return 4096, 16384
+    chunk = 64
+    while chunk > 8 and chunk * work > 64 * 4096:
+        chunk //= 2
+    return chunk, 1024
 
 
 def _bucket(n: int, chunk: int, max_batch: int) -> int:
@@ -216,7 +222,8 @@ def fit_regions(
       (their gradient is zero), and a region that did not converge gets a zero gradient, never
       NaN. `"unroll"`: differentiate through exactly `max_iter` solver steps; it agrees where
       every fit converges within them, at many times the time, memory and compile time.
-    - `chunk_size`: regions vmapped together (default 64 on CPU, 4096 on GPU).
+    - `chunk_size`: regions vmapped together (default on CPU 64, fewer for big regions; 4096 on
+      GPU).
     - `max_batch`: largest batch compiled at once (default 1024 on CPU, 16384 on GPU); bigger
       inputs are fitted piece by piece. Batches are padded to `chunk_size` times a power of 4,
       so repeated calls of any size reuse a few compiled programs.
@@ -329,7 +336,7 @@ def fit_regions(
         weights = jnp.where(mask, weights, 0.0)
 
     problem = RegionProblem(psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w))
-    default_chunk, default_max = _default_sizes()
+    default_chunk, default_max = _default_sizes(k * h * w)
     max_batch = int(max_batch or max(default_max, chunk_size or 0))
     chunk = min(int(chunk_size or default_chunk), max_batch)
     fn = _program(problem, solver, int(max_iter), float(tol), adjoint, int(chunk), known_scale)

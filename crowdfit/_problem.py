@@ -176,7 +176,8 @@ class RegionProblem:
     def active(self, data, dtype):
         """`(P,)` 1 for parameters the fit may move, 0 for padded or held sources' parameters."""
         nf = len(self.free_names)
-        a = jnp.repeat((data["valid"] & ~data["held"]).astype(dtype), nf)
+        moving = data["valid"] & ~data["held"] if "held" in data else data["valid"]
+        a = jnp.repeat(moving.astype(dtype), nf)
         return jnp.concatenate([a, jnp.ones((self.n_background * self.background_free,), dtype)])
 
     def loss(self, u, data):
