@@ -60,12 +60,13 @@ def _bucket(n: int, chunk: int, max_batch: int) -> int:
 def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
     """The compiled batch fit for one problem; cached so equal settings share one program."""
 
-    def one(image, mask, weight, valid, held, p):
+    def one(image, mask, weight, known, valid, held, p):
         dtype = image.dtype
         data = dict(
             image=image,
             mask=mask,
             weight=weight,
+            known=known,
             valid=valid,
             held=held,
             fixed={n: p[n] for n in (*problem.names, "background") if n in problem.fixed},
@@ -125,9 +126,9 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             chi2_reduced=chi2_reduced,
         )
 
-    def batch(images, mask, weight, valid, held, params):
+    def batch(images, mask, weight, known, valid, held, params):
         _TRACE_COUNT[0] += 1
-        xs = (images, mask, weight, valid, held, params)
+        xs = (images, mask, weight, known, valid, held, params)
         return jax.lax.map(lambda a: one(*a), xs, batch_size=min(chunk, images.shape[0]))
 
     return jax.jit(batch)
@@ -180,6 +181,7 @@ def fit_regions(
     held=None,
     fixed: Sequence[str] = (),
     weights=None,
+    known=None,
     offset=0.0,
     solver="lm",
     max_iter: int = 50,
@@ -211,6 +213,8 @@ def fit_regions(
     - `fixed`: names held at their `init` values (e.g. `("sigma",)` or `("background",)`).
     - `weights`: `(B, H, W)` per-pixel weights (inverse variances for Gaussian noise). When given,
       the Gaussian noise level is known and errors are not rescaled by the reduced χ².
+    - `known`: `(B, H, W)` light already accounted for (e.g. neighbours measured elsewhere),
+      added to the model; unlike subtracting it from `images`, the Poisson variance includes it.
     - `offset`: camera offset subtracted from `images` before fitting (e.g. for Poisson counts).
     - `solver`: `"lm"` (Levenberg–Marquardt) or any optax optimizer (`optax.lbfgs()`, ...).
     - `max_iter`, `tol`: iteration limit, and convergence tolerance as a fraction of one pixel's
@@ -342,7 +346,14 @@ def fit_regions(
     fn = _program(problem, solver, int(max_iter), float(tol), adjoint, int(chunk), known_scale)
 
     mask_f = mask.astype(dtype)
-    inputs = (images, mask_f, weights, valid, held, params)
+    if known is None:
+        known = jnp.zeros(images.shape, dtype)
+    else:
+        known = _as_float(known, dtype, "known")
+        if known.shape != images.shape:
+            raise ValueError(f"known must have the images' shape {images.shape}, got {known.shape}")
+        known = jnp.where(mask, known, 0.0)
+    inputs = (images, mask_f, weights, known, valid, held, params)
     pieces = []
     starts = range(0, b, max_batch)
     for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):

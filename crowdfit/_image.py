@@ -14,7 +14,7 @@ import numpy as np
 from ._catalog import COLUMNS, Catalog, empty_columns, model_image
 from ._detect import detect, estimate_background, estimate_noise, estimate_sigma
 from ._fit import fit_regions
-from ._group import bucket_regions, group_sources, pad_windows
+from ._group import group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf
 
@@ -65,6 +65,30 @@ def _shape_values(psf, sigma):
     return out
 
 
+def _round_up(v, options):
+    for o in options:
+        if o >= v:
+            return o
+    return -(-v // options[-1]) * options[-1]
+
+
+def _neighbour_light(regs, origins, src, psf, shape_vals, size):
+    """`(B, S, S)` light of each region's neighbours on its window, from their current fits."""
+    kn = max(1, max(r.neighbours.size for r in regs))
+    b = len(regs)
+    p = {n: np.zeros((b, kn)) for n in ("x", "y", "flux")}
+    for j, r in enumerate(regs):
+        s = r.neighbours
+        p["x"][j, : s.size] = src["x"][s] - origins[j, 1]
+        p["y"][j, : s.size] = src["y"][s] - origins[j, 0]
+        p["flux"][j, : s.size] = np.maximum(src["flux"][s], 0.0)
+    q = {n: v[:, :, None, None] for n, v in p.items()}
+    q.update(shape_vals)
+    grid = np.arange(size, dtype=float)
+    light = psf(q, grid[None, None, None, :], grid[None, None, :, None])
+    return np.asarray(light).sum(axis=1)
+
+
 def _fit_all(
     img,
     good,
@@ -86,11 +110,12 @@ def _fit_all(
         src["x"], src["y"], sigma, (h, w), max_sources=max_sources, max_window=max_window,
         flux=src["flux"],
     )  # fmt: skip
-    buckets = bucket_regions(regions, k_buckets=_K_BUCKETS, size_buckets=_SIZE_BUCKETS)
-    # Square windows: fewer distinct shapes, so fewer programs to compile.
+    # Regions are bucketed by their members only (neighbours are known light, not parameters),
+    # with square windows: fewer distinct shapes, so fewer programs to compile.
     merged: dict = {}
-    for (k, bh, bw), idx in buckets.items():
-        merged.setdefault((k, max(bh, bw)), []).extend(idx)
+    for i, r in enumerate(regions):
+        k = _round_up(r.members.size, _K_BUCKETS)
+        merged.setdefault((k, _round_up(max(r.shape), _SIZE_BUCKETS)), []).append(i)
 
     n = src["x"].size
     out = {c: np.full(n, np.nan) for c in COLUMNS}
@@ -107,15 +132,14 @@ def _fit_all(
         b = len(regs)
         init = {n_: np.zeros((b, k)) for n_ in psf.params}
         valid = np.zeros((b, k), bool)
-        held = np.zeros((b, k), bool)
         for j, r in enumerate(regs):
-            s = r.sources
+            s = r.members
             valid[j, : s.size] = True
-            # Neighbours are measured by their own region; here they only hold their light.
-            held[j, r.members.size : s.size] = True
             init["x"][j, : s.size] = src["x"][s] - origins[j, 1]
             init["y"][j, : s.size] = src["y"][s] - origins[j, 0]
             init["flux"][j, : s.size] = np.maximum(src["flux"][s], 1e-3)
+        # Neighbours are measured by their own region; here their light is known.
+        known = _neighbour_light(regs, origins, src, psf, shape_vals, size)
         for name, v in shape_vals.items():
             init[name][:] = v
         for name in ("x", "y"):  # padded slots: anywhere inside the window
@@ -129,7 +153,7 @@ def _fit_all(
         init["background"] = bg0 if nb == 1 else np.column_stack([bg0, np.zeros((b, 2))])
         res = fit_regions(
             crops, init, psf=psf, background=background, noise=noise, mask=masks,
-            valid=valid, held=held, fixed=fixed,
+            valid=valid, known=known, fixed=fixed,
         )  # fmt: skip
         p = {k_: np.asarray(v) for k_, v in res.params.items()}
         e = {k_: np.asarray(v) for k_, v in res.errors.items()}

@@ -33,8 +33,9 @@ class RegionProblem:
 
     The free vector `u` holds, source by source, the free source parameters in the order of
     `free_names`, then the background's parameters when they are free. `data` is a dict with
-    `image`, `mask`, `weight` (all `(H, W)`), `valid` and `held` `(K,)`, and `fixed`: a dict of
-    the fixed parameters (`(K,)` each, and `"background"` `(nb,)` when it is fixed).
+    `image`, `mask`, `weight`, `known` (all `(H, W)`; `known` light is added to the model),
+    `valid` and `held` `(K,)`, and `fixed`: a dict of the fixed parameters (`(K,)` each, and
+    `"background"` `(nb,)` when it is fixed).
     """
 
     psf: PSF
@@ -140,7 +141,8 @@ class RegionProblem:
         imgs = jax.vmap(self._source_image, in_axes=(0, 0, None, None))(src, held, x, y)
         b = self._bg_natural(bg) if self.background_free else data["fixed"]["background"]
         valid = data["valid"].astype(u.dtype)
-        return jnp.tensordot(valid, imgs, axes=1) + render_background(self.background, b, x, y)
+        mu = jnp.tensordot(valid, imgs, axes=1) + render_background(self.background, b, x, y)
+        return mu + data["known"] if "known" in data else mu
 
     def model_and_jacobian(self, u, data):
         """Model `(H, W)` and Jacobian `(P, H*W)` of the model with respect to `u`.
@@ -170,6 +172,8 @@ class RegionProblem:
             j_src = jnp.concatenate([j_src, j_bg.astype(j_src.dtype)])
         else:
             mu = imgs.sum(0) + bg_img(data["fixed"]["background"])
+        if "known" in data:
+            mu = mu + data["known"]
         return mu, j_src
 
     # -- statistics ------------------------------------------------------------------------
