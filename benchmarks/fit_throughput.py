@@ -450,18 +450,31 @@ def bench_spots(args, configs, picasso, crlb_sample: int = 4000):
         run(windows, init, cfg)  # warm-up at full size (may compile one more bucket)
         cf[label] = dict(first=time.perf_counter() - t0, warm=[], cfg=cfg, run=run, ref=ref)
     pic = {2: dict(warm=[], res=None), 1: dict(warm=[], res=None)}
-    for rnd in range(args.repeats):
-        for d in cf.values():
+    same_round = {label: {2: [], 1: []} for label in cf}  # picasso time / crowdfit time
+
+    def crowdfit_pass():
+        times = {}
+        for label, d in cf.items():
             t0 = time.perf_counter()
             d["res"] = d["run"](windows, init, d["cfg"])
-            d["warm"].append(time.perf_counter() - t0)
+            times[label] = time.perf_counter() - t0
+            d["warm"].append(times[label])
+        return times
+
+    for rnd in range(args.repeats):
+        before = crowdfit_pass()
+        msg = ", ".join(f"crowdfit[{k}] {n / t:,.0f}/s" for k, t in before.items())
         if picasso is not None and rnd < args.peer_repeats:
             for threads, d in pic.items():
                 r = picasso(windows, n_threads=threads)
                 d["warm"].append(r["time_s"])
                 d["res"] = r
-        msg = ", ".join(f"crowdfit[{k}] {n / d['warm'][-1]:,.0f}/s" for k, d in cf.items())
-        if picasso is not None and rnd < args.peer_repeats:
+            # crowdfit again, so that each picasso call is bracketed by crowdfit runs
+            after = crowdfit_pass()
+            for label in cf:
+                t_cf = 0.5 * (before[label] + after[label])
+                for threads, d in pic.items():
+                    same_round[label][threads].append(d["warm"][-1] / t_cf)
             msg += ", " + ", ".join(
                 f"picasso {t} thr {n / d['warm'][-1]:,.0f}/s" for t, d in pic.items()
             )
@@ -483,6 +496,8 @@ def bench_spots(args, configs, picasso, crlb_sample: int = 4000):
             precision_row(
                 name, np.asarray(res.params["x"])[:, 0], truth["x"], crlb_x, n / warm,
                 compile_s=comp, warm_s=warm, n_timed=n,
+                vs_pic2=float(np.median(same_round[label][2])) if same_round[label][2] else None,
+                vs_pic1=float(np.median(same_round[label][1])) if same_round[label][1] else None,
                 note=f"converged {status[0] / n:.2%}, "
                 f"mean iterations {np.mean(np.asarray(res.iterations)):.2f}",
             )
@@ -520,6 +535,18 @@ def bench_spots(args, configs, picasso, crlb_sample: int = 4000):
 # ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
+
+
+def _ratios(r, pic2, pic1):
+    """(vs picasso on 2 threads, vs twice picasso on 1 thread) for one row."""
+    nan = float("nan")
+    if r["method"].startswith("crowdfit"):
+        ratio = r.get("vs_pic2") if r.get("vs_pic2") is not None else nan
+        core = r.get("vs_pic1") if r.get("vs_pic1") is not None else nan
+        return ratio, core / 2  # against picasso scaled perfectly to two cores
+    ratio = r["fits_per_s"] / pic2["fits_per_s"] if pic2 else nan
+    core = r["fits_per_s"] / (2 * pic1["fits_per_s"]) if pic1 else nan
+    return ratio, core
 
 
 def markdown(args, region_rows, spot_rows, sweep, best, default, crlb_x, notes, elapsed) -> str:
@@ -570,16 +597,24 @@ def markdown(args, region_rows, spot_rows, sweep, best, default, crlb_x, notes, 
         "with `jax.pmap` (the process runs with `XLA_FLAGS=--xla_force_host_platform_device_count"
         "=2`; every other crowdfit row uses one device), a user-level workaround.",
         "",
-        "| method | fits/s | vs picasso 2 thr | warm (s) | compile (s) | std(x − true) (px) "
-        "| / √CRLB | robust / √CRLB | failed | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "*vs picasso*: picasso's time over crowdfit's, measured in the same round (each picasso "
+        "call is bracketed by crowdfit runs; median over rounds), so a burst of load hits both; "
+        "for the other rows, the ratio of their best fits/s. *vs 2 × picasso 1 thr*: against "
+        "twice picasso's 1-thread rate (a picasso that scales perfectly to 2 free cores; this "
+        "shared machine rarely gives it 2), also same-round for crowdfit.",
+        "",
+        "| method | fits/s (best) | vs picasso 2 thr | vs 2 × picasso 1 thr | warm (s) "
+        "| compile (s) | std(x − true) (px) | / √CRLB | robust / √CRLB | failed | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    pic1 = next((r for r in spot_rows if r["method"].startswith("picasso gaussmle, 1")), None)
     for r in spot_rows:
-        ratio = r["fits_per_s"] / pic2["fits_per_s"] if pic2 else float("nan")
+        ratio, core = _ratios(r, pic2, pic1)
         comp = "–" if not np.isfinite(r["compile_s"]) else f"{r['compile_s']:.1f}"
         lines.append(
             f"| {r['method']} | {fmt_rate(r['fits_per_s'])} | "
-            f"{'–' if not np.isfinite(ratio) else f'{ratio:.2f}×'} | {r['warm_s']:.2f} "
+            f"{'–' if not np.isfinite(ratio) else f'{ratio:.2f}×'} | "
+            f"{'–' if not np.isfinite(core) else f'{core:.2f}×'} | {r['warm_s']:.2f} "
             f"({r['n_timed']:,} fits) | {comp} | {r['x_std']:.4f} | {r['x_std_crlb']:.3f} | "
             f"{r['x_robust_crlb']:.3f} | {r['failed']} | {r.get('note', '')} |"
         )
@@ -612,16 +647,19 @@ def markdown(args, region_rows, spot_rows, sweep, best, default, crlb_x, notes, 
     if pic2 and crowd:
 
         def verdict(r):
-            ratio = r["fits_per_s"] / pic2["fits_per_s"]
-            return (f"{ratio:.2f}× ({fmt_rate(r['fits_per_s'])}/s, precision "
+            ratio, core = _ratios(r, pic2, pic1)
+            return (f"{ratio:.2f}× picasso 2 threads, {core:.2f}× twice picasso 1 thread "
+                    f"({fmt_rate(r['fits_per_s'])}/s best; precision "
                     f"{r['x_std_crlb']:.3f} × √CRLB vs picasso's {pic2['x_std_crlb']:.3f}) — "
-                    + ("met" if ratio >= 4 else "**not met**"))  # fmt: skip
+                    + ("met" if min(ratio, core) >= 4 else "**not met**"))  # fmt: skip
 
         lib = [r for r in crowd if "workaround" not in r["method"] and "tol=" not in r["method"]]
         lines += [
             "",
             "**Target** (ANCHORS.md): single-spot fits/s ≥ 4× picasso gaussmle (2 threads, "
-            f"{fmt_rate(pic2['fits_per_s'])}/s here) on the same 2 cores at the same precision.",
+            f"{fmt_rate(pic2['fits_per_s'])}/s here, best; 1 thread "
+            f"{fmt_rate(pic1['fits_per_s']) if pic1 else '–'}/s) on the same 2 cores at the same "
+            "precision; judged on both ratios.",
             "- library as is (default tol; best of the default and the best "
             "chunk_size/max_batch): "
             f"{verdict(max(lib, key=lambda r: r['fits_per_s']))}.",
@@ -674,7 +712,7 @@ def main(argv=None):
         args.max_batch, args.chunk = DEFAULT_MAX_BATCH, None
         configs = cfgs((DEFAULT_CHUNK_CPU, DEFAULT_MAX_BATCH, None), (256, 4096, None),
                        (1024, 16384, None), (256, 4096, 1e-4))  # fmt: skip
-        args.repeats, args.peer_repeats, args.seed_n = 3, 1, 300
+        args.repeats, args.peer_repeats, args.seed_n = 3, 2, 300
     else:
         args.n = args.n or 100_000
         args.regions = args.regions or 8192
