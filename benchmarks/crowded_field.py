@@ -386,6 +386,31 @@ def main(argv=None):
     tmp.cleanup()
 
 
+def _git_state() -> str:
+    """`commit` of the working tree (with `+dirty` when crowdfit/ has uncommitted changes)."""
+    import subprocess as sp
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = sp.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = sp.run(
+            ["git", "status", "--porcelain", "--", "crowdfit"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git: no commit
+        return "n/a"
+    return (head or "n/a") + ("+dirty" if dirty else "")
+
+
 def _version(dist):
     try:
         return importlib.metadata.version(dist)
@@ -400,7 +425,8 @@ def report(args, size, limit, timeout, rows, analyses, versions, elapsed) -> str
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
         "- machine: 2-core CPU, shared with other jobs (timings noisy; compare within this run)",
         f"- versions: python {platform.python_version()}, crowdfit "
-        f"{versions.get('crowdfit', _version('crowdfit'))}, jax {versions.get('jax', 'n/a')}, "
+        f"{versions.get('crowdfit', _version('crowdfit'))} (git {_git_state()}), "
+        f"jax {versions.get('jax', 'n/a')}, "
         f"photutils {_version('photutils')}, astropy {_version('astropy')}, crowdsourcephoto "
         f"{_version('crowdsourcephoto')}, scipy {_version('scipy')}, scikit-image "
         f"{_version('scikit-image')}, numpy {np.__version__}",

@@ -71,13 +71,36 @@ import crowdfit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEED_FLUX = 100.0 * 2.0 * math.pi * 2.0**2  # amplitude 100 at sigma 2
-DEFAULT_CHUNK_CPU = 64  # fit_regions' default on CPU (see crowdfit/_fit.py)
-DEFAULT_MAX_BATCH = 4096
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
+
+
+def _git_state() -> str:
+    """`commit` of the working tree (with `+dirty` when crowdfit/ has uncommitted changes)."""
+    import subprocess as sp
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = sp.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = sp.run(
+            ["git", "status", "--porcelain", "--", "crowdfit"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git: no commit
+        return "n/a"
+    return (head or "n/a") + ("+dirty" if dirty else "")
 
 
 def _version(dist: str) -> str:
@@ -125,6 +148,21 @@ def centroid_start(windows: np.ndarray, sigma: float = 1.5) -> dict:
 
 def _chunk(c) -> str:
     return "default" if c is None else str(c)
+
+
+def _default_note(shape, k_max=8) -> str:
+    """What fit_regions' defaults resolve to here (private helper; best effort)."""
+    sizes = getattr(getattr(crowdfit, "_fit", None), "_default_sizes", None)
+    if sizes is None:
+        return "defaults: see fit_regions"
+    try:
+        lo, hi = sizes(shape[0] * shape[1]), sizes(k_max * shape[0] * shape[1])
+    except Exception:  # noqa: BLE001 - private API may change
+        return "defaults: see fit_regions"
+    if lo == hi:
+        return f"defaults resolve to chunk_size {lo[0]}, max_batch {lo[1]}"
+    return (f"defaults resolve to chunk_size {lo[0]} (K = 1) … {hi[0]} (K = {k_max}), "
+            f"max_batch {lo[1]}")  # fmt: skip
 
 
 def fmt_rate(r: float) -> str:
@@ -422,7 +460,7 @@ def bench_spots(args, configs, picasso, crlb_sample: int = 4000):
         sweep.append(dict(cfg, n=ns, compile_s=first - warm, warm_s=warm, fits_per_s=ns / warm,
                           iterations=float(it.mean())))  # fmt: skip
         print(
-            f"  chunk_size={_chunk(cfg['chunk']):>6} max_batch={cfg['max_batch']:>7} "
+            f"  chunk_size={_chunk(cfg['chunk']):>6} max_batch={_chunk(cfg['max_batch']):>7} "
             f"tol={cfg.get('tol') or 'default'}: compile {first - warm:5.1f} s, warm {warm:.3f} s,"
             f" {ns / warm:,.0f} fits/s, mean iterations {it.mean():.2f}",
             flush=True,
@@ -486,7 +524,7 @@ def bench_spots(args, configs, picasso, crlb_sample: int = 4000):
         res, cfg = d["res"], d["cfg"]
         status = np.bincount(np.asarray(res.status), minlength=4)
         comp = d["ref"]["compile_s"] if d["ref"] is not None else d["first"] - warm
-        name = (f"crowdfit, chunk_size={_chunk(cfg['chunk'])}, max_batch={cfg['max_batch']}"
+        name = (f"crowdfit, chunk_size={_chunk(cfg['chunk'])}, max_batch={_chunk(cfg['max_batch'])}"
                 + (f", tol={cfg['tol']:g}" if cfg.get("tol") is not None else "")
                 + f" ({label})")  # fmt: skip
         if label.endswith("devices"):
@@ -558,7 +596,8 @@ def markdown(args, region_rows, spot_rows, sweep, best, default, crlb_x, notes, 
         f"- machine: {'GPU: ' + str(dev.device_kind) if args.gpu else '2-core CPU'} "
         f"(jax backend `{jax.default_backend()}`, {len(jax.devices())} device(s); "
         f"{platform.processor() or platform.machine()}, shared with other jobs: timings noisy)",
-        f"- versions: python {platform.python_version()}, crowdfit {crowdfit.__version__}, "
+        f"- versions: python {platform.python_version()}, crowdfit {crowdfit.__version__} "
+        f"(git {_git_state()}), "
         f"jax {jax.__version__}, jaxlib {_version('jaxlib')}, numpy {np.__version__}, "
         f"scipy {_version('scipy')}, picassosr 0.11.3 (own venv)",
         f"- command: `{' '.join(sys.argv)}` (total {elapsed / 60:.1f} min)",
@@ -569,7 +608,8 @@ def markdown(args, region_rows, spot_rows, sweep, best, default, crlb_x, notes, 
         "",
         f"{region_rows[0]['n'] if region_rows else 0} regions per K; x, y, flux per source + "
         "constant background free; LM, least squares; start: truth + N(0, 0.3 px), flux × "
-        f"U(0.7, 1.3). chunk_size={args.chunk_label}, max_batch={args.max_batch}.",
+        f"U(0.7, 1.3). chunk_size={args.chunk_label}, max_batch={args.max_batch_label} "
+        f"({_default_note((16, 16))}).",
         "",
         "| K | regions/s | sources/s | warm (s) | compile (s) | converged | mean iter. "
         "| std(x − true) (px) | median flux error |",
@@ -629,18 +669,20 @@ def markdown(args, region_rows, spot_rows, sweep, best, default, crlb_x, notes, 
         tag = " **(default)**" if r is default else (" **(best)**" if r is best else "")
         tol = "default (1e-5)" if r.get("tol") is None else f"{r['tol']:g}"
         lines.append(
-            f"| {_chunk(r['chunk'])}{tag} | {r['max_batch']} | {tol} | "
+            f"| {_chunk(r['chunk'])}{tag} | {_chunk(r['max_batch'])} | {tol} | "
             f"{fmt_rate(r['fits_per_s'])} | {r['warm_s']:.3f} | {r['compile_s']:.1f} | "
             f"{r['iterations']:.2f} |"
         )
     lines += [
         "",
         f"Best chunk_size/max_batch: chunk_size={_chunk(best['chunk'])}, "
-        f"max_batch={best['max_batch']} at {fmt_rate(best['fits_per_s'])} fits/s; the default "
+        f"max_batch={_chunk(best['max_batch'])} at {fmt_rate(best['fits_per_s'])} fits/s; "
+        "the default "
         f"(chunk_size={_chunk(default['chunk'])}, "
-        f"max_batch={default['max_batch']}) {fmt_rate(default['fits_per_s'])} fits/s "
+        f"max_batch={_chunk(default['max_batch'])}) {fmt_rate(default['fits_per_s'])} fits/s "
         f"({best['fits_per_s'] / default['fits_per_s']:.2f}×; differences under ~15 % are within "
-        "this machine's noise). Compile times are measured from a cleared cache "
+        f"this machine's noise; {_default_note((7, 7), 1)}). Compile times are measured from a "
+        "cleared cache "
         "(`jax.clear_caches()` and crowdfit's program cache).",
     ]
     crowd = [r for r in spot_rows if r["method"].startswith("crowdfit")]
@@ -696,47 +738,46 @@ def main(argv=None):
     def cfgs(*rows):
         return [dict(chunk=c, max_batch=b, tol=t) for c, b, t in rows]
 
+    # (chunk_size, max_batch, tol); None = fit_regions' own default. The first is the default.
     if args.gpu:
         args.n = args.n or 1_000_000
         args.regions = args.regions or 65536
         args.sweep_n = min(args.n, 262144)
-        args.max_batch = 1 << 20
-        args.chunk = 1 << 30
-        configs = cfgs((None, 1 << 20, None), (None, 65536, None), (None, 262144, None),
-                       (16384, 1 << 20, None), (None, 1 << 20, 1e-4))  # fmt: skip
+        args.chunk, args.max_batch = 16384, 65536
+        configs = cfgs((None, None, None), (4096, 65536, None), (16384, 262144, None),
+                       (65536, 1 << 20, None), (16384, 262144, 1e-4))  # fmt: skip
         args.repeats, args.peer_repeats, args.seed_n = 3, 1, 0
     elif args.quick:
         args.n = args.n or 20_000
         args.regions = args.regions or 2048
         args.sweep_n = min(args.n, 16384)
-        args.max_batch, args.chunk = DEFAULT_MAX_BATCH, None
-        configs = cfgs((DEFAULT_CHUNK_CPU, DEFAULT_MAX_BATCH, None), (256, 4096, None),
-                       (1024, 16384, None), (256, 4096, 1e-4))  # fmt: skip
+        args.chunk, args.max_batch = None, None
+        configs = cfgs((None, None, None), (256, 4096, None), (1024, 16384, None),
+                       (256, 4096, 1e-4))  # fmt: skip
         args.repeats, args.peer_repeats, args.seed_n = 3, 2, 300
     else:
         args.n = args.n or 100_000
         args.regions = args.regions or 8192
         args.sweep_n = min(args.n, 32768)
-        args.max_batch, args.chunk = DEFAULT_MAX_BATCH, None
+        args.chunk, args.max_batch = None, None
         configs = cfgs(
-            (DEFAULT_CHUNK_CPU, DEFAULT_MAX_BATCH, None),
-            (16, 4096, None),
-            (32, 4096, None),
-            (128, 4096, None),
+            (None, None, None),
+            (16, 1024, None),
+            (32, 1024, None),
+            (128, 1024, None),
+            (256, 1024, None),
+            (64, 4096, None),
             (256, 4096, None),
             (1024, 4096, None),
-            (64, 1024, None),
-            (256, 32768, None),
-            (1024, 32768, None),
-            (64, 4096, 1e-4),
+            (1024, 16384, None),
+            (4096, 32768, None),
+            (None, None, 1e-4),
             (256, 4096, 1e-4),
-            (1024, 4096, 1e-4),
+            (1024, 16384, 1e-4),
         )
         args.repeats, args.peer_repeats, args.seed_n = 3, 3, 2000
-    if backend != "cpu" and not args.gpu:
-        # the CPU default chunk of 64 would be wrong here; use fit_regions' own default
-        configs[0]["chunk"] = None
     args.chunk_label = "default" if args.chunk is None else str(args.chunk)
+    args.max_batch_label = "default" if args.max_batch is None else str(args.max_batch)
 
     print(f"crowdfit {crowdfit.__version__}, jax {jax.__version__} on {jax.devices()}", flush=True)
     picasso = None
