@@ -188,7 +188,7 @@ def _fit_all(
     return out, len(regions)
 
 
-def _prune(cat, sigma, min_snr):
+def _prune(cat, sigma, min_snr, shape):
     """Which sources to keep: significant ones, not merged into a brighter neighbour.
 
     Only the least significant source of a close group goes in one round: when a fit splits
@@ -196,6 +196,9 @@ def _prune(cat, sigma, min_snr):
     """
     x, y, snr = cat["x"], cat["y"], cat["snr"]
     keep = np.isfinite(x) & np.isfinite(cat["flux"]) & (cat["flux"] > 0)
+    # A source that drifted off the image is not measured by it.
+    h, w = shape
+    keep &= (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
     # A source whose error is unknown (singular fit, flagged by its status) is not judged.
     weak = np.where(keep & np.isfinite(snr) & (snr < min_snr))[0]
     protected = np.zeros(x.size, bool)
@@ -331,7 +334,7 @@ def fit_image(
             free_shape = False
             src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
             continue  # refit with the shared width before judging anything
-        keep = _prune(cat, width, min_snr)
+        keep = _prune(cat, width, min_snr, shape)
         kept = {c: v[keep] for c, v in cat.items()}
         new = {"x": np.zeros(0), "y": np.zeros(0), "flux_guess": np.zeros(0)}
         if meta["rounds"] < rounds:
@@ -354,7 +357,7 @@ def fit_image(
             background_map=bg_map,
         )
     if len(cat["x"]):
-        cat = {c: v[_prune(cat, width, min_snr)] for c, v in cat.items()}
+        cat = {c: v[_prune(cat, width, min_snr, shape)] for c, v in cat.items()}
     model = model_image(cat, shape, psf=psf)
     meta.update(
         sigma=sigma, n_regions=n_regions, noise_level=noise_level,
