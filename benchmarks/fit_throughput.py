@@ -633,9 +633,14 @@ def markdown(args, region_rows, spot_rows, sweep, best, default, crlb_x, notes, 
         f"{crlb_x:.4f} px (5-parameter model at the truth). Precision = std(x − true) over all "
         "spots (failed fits excluded, counted); robust = 1.4826·MAD. crowdfit's *compile* is that "
         "of its setting in part 3 (cleared cache, same bucket size). Rows with `tol=` use a "
-        "non-default convergence tolerance; the `pmap` row splits the batch over the two cores "
-        "with `jax.pmap` (the process runs with `XLA_FLAGS=--xla_force_host_platform_device_count"
-        "=2`; every other crowdfit row uses one device), a user-level workaround.",
+        "non-default convergence tolerance."
+        + (
+            ""
+            if not any("pmap" in r["method"] for r in spot_rows)
+            else " The `pmap` row splits the batch over the two cores with `jax.pmap` (the "
+            "process runs with `XLA_FLAGS=--xla_force_host_platform_device_count=2`; every other "
+            "crowdfit row uses one device), a user-level workaround."
+        ),
         "",
         "*vs picasso*: picasso's time over crowdfit's, measured in the same round (each picasso "
         "call is bracketed by crowdfit runs; median over rounds), so a burst of load hits both; "
