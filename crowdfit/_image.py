@@ -14,15 +14,18 @@ import numpy as np
 from ._catalog import COLUMNS, Catalog, empty_columns, model_image
 from ._detect import detect, estimate_background, estimate_noise, estimate_sigma
 from ._fit import fit_regions
-from ._group import group_sources, pad_windows
+from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf
+from ._split import find_splits, pair_test
 
 __all__ = ["fit_image"]
 
 _SHAPE_NAMES = ("sigma", "sigma_x", "sigma_y", "angle")
 _K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32)
+# A source within this many PSF widths of an added, removed or split one is refitted.
+_REACH = 5.0
 
 
 def _check_image(image, mask):
@@ -102,25 +105,41 @@ def _fit_all(
     max_window,
     free_shape,
     progress_bar,
+    previous=None,
 ):
-    """Fit every source jointly with its neighbours; returns per-source results (members)."""
+    """Fit every source jointly with its neighbours; returns per-source results (members).
+
+    With a `previous` catalog, `src["prev"]` `(N,)` (each source's row there, -1 if new) and
+    `src["dirty"]` `(N,)`, only regions with a dirty member are refitted; the others keep their
+    previous results.
+    """
     h, w = img.shape
     sigma = max(v for k, v in shape_vals.items() if k != "angle")
     regions = group_sources(
         src["x"], src["y"], sigma, (h, w), max_sources=max_sources, max_window=max_window,
         flux=src["flux"],
     )  # fmt: skip
-    # Regions are bucketed by their members only (neighbours are known light, not parameters),
-    # with square windows: fewer distinct shapes, so fewer programs to compile.
-    merged: dict = {}
-    for i, r in enumerate(regions):
-        k = _round_up(r.members.size, _K_BUCKETS)
-        merged.setdefault((k, _round_up(max(r.shape), _SIZE_BUCKETS)), []).append(i)
-
     n = src["x"].size
     out = {c: np.full(n, np.nan) for c in COLUMNS}
     for c in ("group", "status", "iterations"):
         out[c] = np.zeros(n, int)
+    redo = range(len(regions))
+    if previous is not None:
+        redo = [i for i, r in enumerate(regions) if src["dirty"][r.members].any()]
+        same = np.ones(n, bool)
+        for i in redo:
+            same[regions[i].members] = False
+        for c in COLUMNS:
+            out[c][same] = previous[c][src["prev"][same]]
+        for r in regions:
+            out["group"][r.members] = r.group
+    # Regions are bucketed by their members only (neighbours are known light, not parameters),
+    # with square windows: fewer distinct shapes, so fewer programs to compile.
+    merged: dict = {}
+    for i in redo:
+        r = regions[i]
+        k = _round_up(r.members.size, _K_BUCKETS)
+        merged.setdefault((k, _round_up(max(r.shape), _SIZE_BUCKETS)), []).append(i)
     fixed = () if free_shape else tuple(_shape_values(psf, sigma))
     nb = 1 if background == "constant" else 3
     items = sorted(merged.items())
@@ -158,6 +177,7 @@ def _fit_all(
         p = {k_: np.asarray(v) for k_, v in res.params.items()}
         e = {k_: np.asarray(v) for k_, v in res.errors.items()}
         status = np.asarray(res.status)
+        iterations, chi2r = np.asarray(res.iterations), np.asarray(res.chi2_reduced)
         for j, r in enumerate(regs):
             m = r.members.size
             s = r.members
@@ -177,46 +197,100 @@ def _fit_all(
                 out["background"][s] = bgp[0] + bgp[1] * p["x"][j, :m] + bgp[2] * p["y"][j, :m]
             out["group"][s] = r.group
             out["status"][s] = status[j]
-            out["iterations"][s] = int(res.iterations[j])
-            out["chi2_reduced"][s] = float(res.chi2_reduced[j])
+            out["iterations"][s] = iterations[j]
+            out["chi2_reduced"][s] = chi2r[j]
     out["amplitude"] = np.asarray(
         amplitude({"flux": out["flux"], "sigma_x": out["sigma_x"], "sigma_y": out["sigma_y"]},
                   psf)
     )  # fmt: skip
     with np.errstate(divide="ignore", invalid="ignore"):
         out["snr"] = out["flux"] / out["flux_err"]
-    return out, len(regions)
+    return out, len(regions), len(redo)
 
 
-def _prune(cat, sigma, min_snr, shape):
+def _isolated_flux_error(cat, noise, noise_level):
+    """`(N,)` the flux error each source would have alone (a lower bound in a crowd)."""
+    area = 4 * math.pi * cat["sigma_x"] * cat["sigma_y"]
+    if noise == "poisson":
+        return np.sqrt(np.maximum(cat["flux"], 0) + area * np.maximum(cat["background"], 0))
+    return noise_level * np.sqrt(area)
+
+
+def _prune(cat, sigma, min_snr, shape, protect, floor_err):
     """Which sources to keep: significant ones, not merged into a brighter neighbour.
 
     Only the least significant source of a close group goes in one round: when a fit splits
-    one blend over three sources, all three look insignificant until one is removed.
+    one blend over three sources, all three look insignificant until one is removed. `protect`
+    `(N,)` marks weak sources whose pair with a neighbour passed the likelihood-ratio test.
+    A source whose error is unknown (a singular fit) is judged by `floor_err`, the error it
+    would have alone: below `min_snr` even then, it is not significant.
     """
-    x, y, snr = cat["x"], cat["y"], cat["snr"]
+    x, y = cat["x"], cat["y"]
+    snr = np.where(np.isfinite(cat["snr"]), cat["snr"], cat["flux"] / floor_err)
     keep = np.isfinite(x) & np.isfinite(cat["flux"]) & (cat["flux"] > 0)
     # A source that drifted off the image is not measured by it.
     h, w = shape
     keep &= (x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)
-    # A source whose error is unknown (singular fit, flagged by its status) is not judged.
-    weak = np.where(keep & np.isfinite(snr) & (snr < min_snr))[0]
-    protected = np.zeros(x.size, bool)
-    for i in weak[np.argsort(snr[weak])]:
-        if protected[i]:
-            continue
-        keep[i] = False
-        protected |= (x - x[i]) ** 2 + (y - y[i]) ** 2 < (2.5 * sigma) ** 2
+    weak = np.where(keep & np.isfinite(snr) & (snr < min_snr) & ~protect)[0]
+    if weak.size:
+        a, b = _pairs_within(x[weak], y[weak], 2.5 * sigma)
+        near = [[] for _ in weak]
+        for i, j in zip(a, b, strict=True):
+            near[i].append(j)
+            near[j].append(i)
+        protected = np.zeros(weak.size, bool)
+        for i in np.argsort(snr[weak]):
+            if not protected[i]:
+                keep[weak[i]] = False
+                protected[near[i]] = True
     # Two sources within half a sigma are one source the fit split; keep the brighter.
-    kept: list[int] = []
-    for i in np.argsort(-np.where(keep, cat["flux"], -np.inf)):
-        if not keep[i]:
-            break
-        if kept and np.any((x[kept] - x[i]) ** 2 + (y[kept] - y[i]) ** 2 < (0.5 * sigma) ** 2):
-            keep[i] = False
-            continue
-        kept.append(i)
+    idx = np.where(keep)[0]
+    if idx.size > 1:
+        a, b = _pairs_within(x[idx], y[idx], 0.5 * sigma)
+        rank = np.empty(idx.size, int)
+        rank[np.argsort(-cat["flux"][idx], kind="stable")] = np.arange(idx.size)
+        involved = np.unique(np.concatenate([a, b]))
+        # Brightest first: a source goes if a brighter one that stays is that close.
+        for i in involved[np.argsort(rank[involved])]:
+            partners = np.concatenate([b[a == i], a[b == i]])
+            if np.any(keep[idx[partners[rank[partners] < rank[i]]]]):
+                keep[idx[i]] = False
     return keep
+
+
+def _warranted(img, good, cat, width, min_snr, shape, **test_kw):
+    """`(N,)` True for weak sources in a close pair that the likelihood-ratio test upholds.
+
+    A source with `flux / flux_err < min_snr` within 2 PSF widths (and beyond half a width) of
+    another is tested as that pair against one source (`pair_test`); both are kept if the pair
+    is warranted, however weak each looks on its own.
+    """
+    n = cat["x"].size
+    out = np.zeros(n, bool)
+    ok = np.isfinite(cat["x"]) & np.isfinite(cat["flux"]) & (cat["flux"] > 0)
+    weak = np.where(ok & np.isfinite(cat["snr"]) & (cat["snr"] < min_snr))[0]
+    if weak.size == 0 or ok.sum() < 2:
+        return out
+    others = np.where(ok)[0]
+    d2 = (cat["x"][weak, None] - cat["x"][others]) ** 2 + (
+        cat["y"][weak, None] - cat["y"][others]
+    ) ** 2
+    d2[others[None, :] == weak[:, None]] = np.inf
+    j = others[np.argmin(d2, axis=1)]
+    dmin = np.sqrt(d2.min(1))
+    close = (dmin < 2 * width) & (dmin >= 0.5 * width)
+    i, j = weak[close], j[close]
+    if i.size == 0:
+        return out
+    pair = {k: np.column_stack([cat[k][i], cat[k][j]]) for k in ("x", "y", "flux")}
+    model = model_image({k: v[ok] for k, v in cat.items()}, shape, psf=test_kw["psf"])
+    accept, _, _ = pair_test(
+        img, good, model, pair, pair, np.nan_to_num(cat["background"][i]),
+        min_separation=0.5 * width, **test_kw,
+    )  # fmt: skip
+    out[i[accept]] = True
+    out[j[accept]] = True
+    return out
 
 
 def fit_image(
@@ -233,6 +307,7 @@ def fit_image(
     rounds: int = 3,
     max_sources: int = 8,
     max_window: int = 32,
+    split: bool = True,
     progress_bar: bool | None = None,
 ) -> Catalog:
     """Find and measure every spot or star of an image, fitting crowded ones jointly.
@@ -291,7 +366,8 @@ def fit_image(
     img, good = _check_image(image, mask)
     img = img - offset
     shape = img.shape
-    meta = dict(psf=psf.name, noise=noise, shape=shape, rounds=0, n_regions=0)
+    meta = dict(psf=psf.name, noise=noise, shape=shape, rounds=0, n_regions=0, splits=0,
+                region_fits=0)  # fmt: skip
     if not good.any():
         warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
         return Catalog(empty_columns(), {**meta, "sigma": sigma})
@@ -316,13 +392,17 @@ def fit_image(
     src = dict(x=det["x"], y=det["y"], flux=det["flux_guess"], background_map=bg_map)
     fit_kw = dict(background=background, noise=noise, max_sources=max_sources,
                   max_window=max_window, progress_bar=progress_bar)  # fmt: skip
-    cat, n_regions = None, 0
+    cat, n_regions, keep, fits = None, 0, None, 0
     for _ in range(rounds + 3):  # a width fit, `rounds` searches, and refits after pruning
         if src["x"].size == 0:
-            cat = empty_columns()
+            cat, keep = empty_columns(), None
             break
-        cat, n_regions = _fit_all(img, good, src, psf, shape_vals, free_shape=free_shape,
-                                  **fit_kw)  # fmt: skip
+        # The first fit's neighbour light comes from detection guesses: the second refits all.
+        previous = cat if ("prev" in src and fits >= 2) else None
+        fits += 1
+        cat, n_regions, n_fitted = _fit_all(img, good, src, psf, shape_vals,
+                                            free_shape=free_shape, previous=previous, **fit_kw)
+        meta["region_fits"] += n_fitted
         if free_shape:
             ok = (cat["status"] == 0) & (cat["snr"] > 20)
             if ok.sum() >= 3:
@@ -334,9 +414,16 @@ def fit_image(
             free_shape = False
             src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
             continue  # refit with the shared width before judging anything
-        keep = _prune(cat, width, min_snr, shape)
+        test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise)
+        protect = (
+            _warranted(img, good, cat, width, min_snr, shape, **test_kw)
+            if split else np.zeros(cat["x"].size, bool)
+        )  # fmt: skip
+        floor_err = _isolated_flux_error(cat, noise, noise_level)
+        keep = _prune(cat, width, min_snr, shape, protect, floor_err)
         kept = {c: v[keep] for c, v in cat.items()}
         new = {"x": np.zeros(0), "y": np.zeros(0), "flux_guess": np.zeros(0)}
+        parents, kids = np.zeros(0, int), {k: np.zeros(0) for k in ("x", "y", "flux")}
         if meta["rounds"] < rounds:
             # Hidden neighbours: significant peaks left in the residual.
             model = model_image(kept, shape, psf=psf)
@@ -347,17 +434,47 @@ def fit_image(
                     new["y"][:, None] - kept["y"][None]
                 ) ** 2
                 new = {k: v[d2.min(1) > width**2] for k, v in new.items()}
+            if split and kept["x"].size:
+                # Unresolved pairs: one source the residual says is two (see `_split`).
+                near_new = np.zeros(kept["x"].size, bool)
+                if new["x"].size:
+                    dn2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (
+                        new["y"][:, None] - kept["y"][None]
+                    ) ** 2
+                    near_new = dn2.min(0) < (2 * width) ** 2
+                parents, kids = find_splits(
+                    img, good, kept, model, bg_map, noise_level=noise_level, exclude=near_new,
+                    **test_kw,
+                )  # fmt: skip
             meta["rounds"] += 1
-        if new["x"].size == 0 and keep.all():
+        if new["x"].size == 0 and parents.size == 0 and keep.all():
             break
+        stay = np.ones(kept["x"].size, bool)
+        stay[parents] = False
+        meta["splits"] += parents.size
+        n_new = kids["x"].size + new["x"].size
         src = dict(
-            x=np.concatenate([kept["x"], new["x"]]),
-            y=np.concatenate([kept["y"], new["y"]]),
-            flux=np.concatenate([kept["flux"], np.maximum(new["flux_guess"], 1.0)]),
+            x=np.concatenate([kept["x"][stay], kids["x"].ravel(), new["x"]]),
+            y=np.concatenate([kept["y"][stay], kids["y"].ravel(), new["y"]]),
+            flux=np.concatenate([kept["flux"][stay], kids["flux"].ravel(),
+                                 np.maximum(new["flux_guess"], 1.0)]),
             background_map=bg_map,
+            prev=np.concatenate([np.where(keep)[0][stay], np.full(n_new, -1)]),
         )
-    if len(cat["x"]):
-        cat = {c: v[_prune(cat, width, min_snr, shape)] for c, v in cat.items()}
+        # Only regions near a change are refitted: added, removed or split sources.
+        changed_x = np.concatenate([cat["x"][~keep], kept["x"][~stay], new["x"]])
+        changed_y = np.concatenate([cat["y"][~keep], kept["y"][~stay], new["y"]])
+        src["dirty"] = src["prev"] < 0
+        if changed_x.size:
+            a, b = _pairs_within(
+                np.concatenate([src["x"], changed_x]), np.concatenate([src["y"], changed_y]),
+                _REACH * width,
+            )  # fmt: skip
+            n_src = src["x"].size
+            src["dirty"][a[(a < n_src) & (b >= n_src)]] = True
+            src["dirty"][b[(b < n_src) & (a >= n_src)]] = True
+    if keep is not None:  # the last fit, judged
+        cat = {c: v[keep] for c, v in cat.items()}
     model = model_image(cat, shape, psf=psf)
     meta.update(
         sigma=sigma, n_regions=n_regions, noise_level=noise_level,
