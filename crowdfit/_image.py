@@ -400,8 +400,9 @@ def fit_image(
         # The first fit's neighbour light comes from detection guesses: the second refits all.
         previous = cat if ("prev" in src and fits >= 2) else None
         fits += 1
-        cat, n_regions, n_fitted = _fit_all(img, good, src, psf, shape_vals,
-                                            free_shape=free_shape, previous=previous, **fit_kw)
+        cat, n_regions, n_fitted = _fit_all(
+            img, good, src, psf, shape_vals, free_shape=free_shape, previous=previous, **fit_kw
+        )
         meta["region_fits"] += n_fitted
         if free_shape:
             ok = (cat["status"] == 0) & (cat["snr"] > 20)
@@ -456,8 +457,9 @@ def fit_image(
         src = dict(
             x=np.concatenate([kept["x"][stay], kids["x"].ravel(), new["x"]]),
             y=np.concatenate([kept["y"][stay], kids["y"].ravel(), new["y"]]),
-            flux=np.concatenate([kept["flux"][stay], kids["flux"].ravel(),
-                                 np.maximum(new["flux_guess"], 1.0)]),
+            flux=np.concatenate(
+                [kept["flux"][stay], kids["flux"].ravel(), np.maximum(new["flux_guess"], 1.0)]
+            ),
             background_map=bg_map,
             prev=np.concatenate([np.where(keep)[0][stay], np.full(n_new, -1)]),
         )

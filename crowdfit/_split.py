@@ -142,8 +142,8 @@ def pair_test(
     for name, v in shape_vals.items():
         init[name] = np.full((2 * c, 2), v)
     bg = np.concatenate([background, background])
-    init["background"] = bg if background_model == "constant" else np.column_stack(
-        [bg, np.zeros((2 * c, 2))]
+    init["background"] = (
+        bg if background_model == "constant" else np.column_stack([bg, np.zeros((2 * c, 2))])
     )
     res = fit_regions(
         np.concatenate([crops, crops]), init, psf=psf, background=background_model, noise=noise,
