@@ -17,7 +17,7 @@ from ._fit import fit_regions
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf
-from ._split import find_splits, pair_test
+from ._split import FIT_TOL, PAIR_THRESHOLD, find_splits, nested_test
 
 __all__ = ["fit_image"]
 
@@ -172,7 +172,7 @@ def _fit_all(
         init["background"] = bg0 if nb == 1 else np.column_stack([bg0, np.zeros((b, 2))])
         res = fit_regions(
             crops, init, psf=psf, background=background, noise=noise, mask=masks,
-            valid=valid, known=known, fixed=fixed,
+            valid=valid, known=known, fixed=fixed, tol=FIT_TOL,
         )  # fmt: skip
         p = {k_: np.asarray(v) for k_, v in res.params.items()}
         e = {k_: np.asarray(v) for k_, v in res.errors.items()}
@@ -259,11 +259,12 @@ def _prune(cat, sigma, min_snr, shape, protect, floor_err):
 
 
 def _warranted(img, good, cat, width, min_snr, shape, **test_kw):
-    """`(N,)` True for weak sources in a close pair that the likelihood-ratio test upholds.
+    """`(N,)` True for weak sources in a close group that the likelihood-ratio test upholds.
 
-    A source with `flux / flux_err < min_snr` within 2 PSF widths (and beyond half a width) of
-    another is tested as that pair against one source (`pair_test`); both are kept if the pair
-    is warranted, however weak each looks on its own.
+    A source with `flux / flux_err < min_snr` within 2 PSF widths of others is judged by a
+    likelihood-ratio test (`nested_test`) instead: it and its (up to 3) closest neighbours
+    against those neighbours alone, all refitted. In a pair closer than a PSF width the fluxes
+    are strongly anti-correlated, so each part looks weak even when the pair is beyond doubt.
     """
     n = cat["x"].size
     out = np.zeros(n, bool)
@@ -276,20 +277,24 @@ def _warranted(img, good, cat, width, min_snr, shape, **test_kw):
         cat["y"][weak, None] - cat["y"][others]
     ) ** 2
     d2[others[None, :] == weak[:, None]] = np.inf
-    j = others[np.argmin(d2, axis=1)]
-    dmin = np.sqrt(d2.min(1))
-    close = (dmin < 2 * width) & (dmin >= 0.5 * width)
-    i, j = weak[close], j[close]
+    order = np.argsort(d2, axis=1)[:, :3]
+    near = np.take_along_axis(d2, order, axis=1) < (2 * width) ** 2
+    # Closer than half a width the merge rule of `_prune` decides.
+    test = near[:, 0] & (d2.min(1) >= (0.5 * width) ** 2)
+    i, nb, near = weak[test], others[order[test]], near[test]
     if i.size == 0:
         return out
-    pair = {k: np.column_stack([cat[k][i], cat[k][j]]) for k in ("x", "y", "flux")}
+    members = np.column_stack([i, nb])  # (C, 4): the weak source, then its neighbours
+    valid = np.column_stack([np.ones(i.size, bool), near])
+    p = {k: np.where(valid, cat[k][members], 0.0) for k in ("x", "y", "flux")}
+    larger = dict(p, valid=valid)
+    smaller = {k: np.column_stack([v[:, 1:], v[:, :1]]) for k, v in larger.items()}
+    smaller["valid"][:, -1] = False
     model = model_image({k: v[ok] for k, v in cat.items()}, shape, psf=test_kw["psf"])
-    accept, _, _ = pair_test(
-        img, good, model, pair, pair, np.nan_to_num(cat["background"][i]),
-        min_separation=0.5 * width, **test_kw,
-    )  # fmt: skip
-    out[i[accept]] = True
-    out[j[accept]] = True
+    gain, _, _ = nested_test(
+        img, good, model, p, smaller, larger, np.nan_to_num(cat["background"][i]), **test_kw
+    )
+    out[i[gain > PAIR_THRESHOLD]] = True
     return out
 
 
@@ -393,7 +398,7 @@ def fit_image(
     fit_kw = dict(background=background, noise=noise, max_sources=max_sources,
                   max_window=max_window, progress_bar=progress_bar)  # fmt: skip
     cat, n_regions, keep, fits = None, 0, None, 0
-    for _ in range(rounds + 3):  # a width fit, `rounds` searches, and refits after pruning
+    for _ in range(rounds + 4):  # two first fits, `rounds` searches, refits after pruning
         if src["x"].size == 0:
             cat, keep = empty_columns(), None
             break
@@ -413,8 +418,11 @@ def fit_image(
                 shape_vals = _shape_values(psf, sigma)
                 width = max(v for k, v in shape_vals.items() if k != "angle")
             free_shape = False
+        if fits < 2:
+            # Refit with the shared width, and with every neighbour's light from its fit rather
+            # than its detection guess, before judging anything.
             src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
-            continue  # refit with the shared width before judging anything
+            continue
         test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise)
         protect = (
             _warranted(img, good, cat, width, min_snr, shape, **test_kw)

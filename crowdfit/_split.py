@@ -29,10 +29,13 @@ import numpy as np
 from ._fit import fit_regions
 from ._group import pad_windows
 
-__all__ = ["quadrupole_screen", "pair_test", "find_splits"]
+__all__ = ["quadrupole_screen", "nested_test", "find_splits"]
 
 # The least twice-log-likelihood gain for two sources over one (3 more parameters).
 PAIR_THRESHOLD = 30.0
+# Convergence tolerance of the whole-image fits: stop when the last step's predicted χ²
+# decrease is below 1e-4 of one pixel's (a 1 % shift of a parameter's 1σ error at most).
+FIT_TOL = 1e-4
 # The least χ² drop of the residual quadrupole for a split candidate (2 parameters).
 SCREEN_THRESHOLD = 16.0
 
@@ -92,34 +95,33 @@ def _window_size(width):
     return 16 if 8 * width <= 16 else 32 * int(math.ceil(8 * width / 32))
 
 
-def pair_test(
-    img, good, model, removed, children, background, *, psf, shape_vals, background_model,
-    noise, threshold=PAIR_THRESHOLD, min_separation=0.0,
+def nested_test(
+    img, good, model, removed, smaller, larger, background, *, psf, shape_vals,
+    background_model, noise,
 ):  # fmt: skip
-    """Two sources or one? A likelihood-ratio test for each of `C` candidate pairs.
+    """Are the extra sources of `larger` warranted over `smaller`? A likelihood-ratio statistic
+    for each of `C` candidates, on a window around each.
 
     **Arguments:**
 
     - `img`, `good`: `(H, W)` data (offset subtracted) and the pixels that count.
     - `model`: `(H, W)` light of the current catalog's sources.
-    - `removed`: dict of `(C, R)` `x, y, flux`: the catalog sources the candidate replaces
-      (their light is taken out of `model`; the rest of `model` is known light).
-    - `children`: dict of `(C, 2)` `x, y, flux`: where the two-source fit starts; the one-source
-      fit starts at their flux-weighted centre with their summed flux.
+    - `removed`: dict of `(C, R)` `x, y, flux` (flux 0 pads): the catalog sources both models
+      replace; their light is taken out of `model`, and the rest of `model` is known light.
+    - `smaller`, `larger`: dicts of `(C, K)` starting `x, y, flux` and `valid` of the two
+      models; `larger` has 1 more source (3 more parameters) where `smaller` is nested in it.
     - `background`: `(C,)` starting background level.
-    - `min_separation`: the least separation (pixels) of an accepted pair.
 
-    **Returns:** `(accept, gain, two)`: `(C,)` bool, `(C,)` likelihood-ratio statistic, and the
-    two-source fit, a dict of `(C, 2)` `x, y, flux` in image coordinates.
+    **Returns:** `(gain, ok, fit)`: `(C,)` twice the log-likelihood gain of `larger` (χ² gain
+    over the residual variance for Gaussian noise, an F test), `(C,)` True where both fits
+    converged, and the fit of `larger`, a dict of `(C, K)` `x, y, flux` in image coordinates.
     """
-    c = children["x"].shape[0]
-    width = max(v for k, v in shape_vals.items() if k != "angle")
+    c, k = larger["x"].shape
+    width = max(v for n, v in shape_vals.items() if n != "angle")
     size = _window_size(width)
-    fsum = np.maximum(children["flux"].sum(1), 1e-3)
-    wts = np.maximum(children["flux"], 1e-3) / np.maximum(children["flux"], 1e-3).sum(
-        1, keepdims=True
-    )
-    cx, cy = (wts * children["x"]).sum(1), (wts * children["y"]).sum(1)
+    wts = np.where(larger["valid"], np.maximum(larger["flux"], 1e-3), 0.0)
+    wts = wts / wts.sum(1, keepdims=True)
+    cx, cy = (wts * larger["x"]).sum(1), (wts * larger["y"]).sum(1)
     oy, ox = np.rint(cy).astype(int) - size // 2, np.rint(cx).astype(int) - size // 2
     windows = np.column_stack([oy, oy + size, ox, ox + size])
     crops, masks, _ = pad_windows(img, windows, (size, size), mask=good)
@@ -130,17 +132,16 @@ def pair_test(
          "flux": removed["flux"][:, :, None, None], **shape_vals}  # fmt: skip
     own = np.asarray(psf(q, grid[None, None, None, :], grid[None, None, :, None])).sum(1)
     known = model_crops - own
-    # One batch: the C one-source models, then the C two-source models (one compiled shape).
-    init = {n: np.zeros((2 * c, 2)) for n in ("x", "y", "flux")}
-    valid = np.ones((2 * c, 2), bool)
-    init["x"][:c, 0], init["y"][:c, 0], init["flux"][:c, 0] = cx - ox, cy - oy, fsum
-    init["x"][:c, 1], init["y"][:c, 1], init["flux"][:c, 1] = size / 2, size / 2, 1.0
-    valid[:c, 1] = False
-    init["x"][c:] = children["x"] - ox[:, None]
-    init["y"][c:] = children["y"] - oy[:, None]
-    init["flux"][c:] = np.maximum(children["flux"], 1e-3)
+    # One batch: the C smaller models, then the C larger ones (one compiled shape).
+    both = {n: np.concatenate([smaller[n], larger[n]]) for n in ("x", "y", "flux", "valid")}
+    valid = both.pop("valid")
+    init = {
+        "x": np.where(valid, both["x"] - np.concatenate([ox, ox])[:, None], size / 2),
+        "y": np.where(valid, both["y"] - np.concatenate([oy, oy])[:, None], size / 2),
+        "flux": np.where(valid, np.maximum(both["flux"], 1e-3), 1.0),
+    }
     for name, v in shape_vals.items():
-        init[name] = np.full((2 * c, 2), v)
+        init[name] = np.full((2 * c, k), v)
     bg = np.concatenate([background, background])
     init["background"] = (
         bg if background_model == "constant" else np.column_stack([bg, np.zeros((2 * c, 2))])
@@ -148,31 +149,26 @@ def pair_test(
     res = fit_regions(
         np.concatenate([crops, crops]), init, psf=psf, background=background_model, noise=noise,
         mask=np.concatenate([masks, masks]), valid=valid, known=np.concatenate([known, known]),
-        fixed=tuple(shape_vals),
+        fixed=tuple(shape_vals), tol=FIT_TOL,
     )  # fmt: skip
     loss = np.asarray(res.loss)
-    one, two = loss[:c], loss[c:]
-    gain = one - two
+    gain = loss[:c] - loss[c:]
     if noise == "gaussian":  # χ² in data units: scale by the residual variance (an F test)
         nb = 1 if background_model == "constant" else 3
-        dof = np.maximum(masks.reshape(c, -1).sum(1) - (6 + nb), 1)
+        n_par = 3 * larger["valid"].sum(1) + nb
+        dof = np.maximum(masks.reshape(c, -1).sum(1) - n_par, 1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            gain = gain / (two / dof)
-    p = {k: np.asarray(v)[c:] for k, v in res.params.items()}
+            gain = gain / (loss[c:] / dof)
     status = np.asarray(res.status)
-    sep = np.hypot(p["x"][:, 0] - p["x"][:, 1], p["y"][:, 0] - p["y"][:, 1])
-    inside = (p["x"] >= 0) & (p["x"] <= size - 1) & (p["y"] >= 0) & (p["y"] <= size - 1)
-    accept = (
-        (status[:c] == 0) & (status[c:] == 0) & np.isfinite(gain) & (gain > threshold)
-        & np.all(p["flux"] > 0, axis=1) & np.all(inside, axis=1) & (sep >= min_separation)
-    )  # fmt: skip
-    two_fit = dict(x=p["x"] + ox[:, None], y=p["y"] + oy[:, None], flux=p["flux"])
-    return accept, np.nan_to_num(gain, nan=-np.inf), two_fit
+    ok = (status[:c] == 0) & (status[c:] == 0) & np.isfinite(gain)
+    p = {n: np.asarray(v)[c:] for n, v in res.params.items()}
+    fit = dict(x=p["x"] + ox[:, None], y=p["y"] + oy[:, None], flux=p["flux"])
+    return np.where(ok, gain, -np.inf), ok, fit
 
 
 def find_splits(
     img, good, cat, model, sky, *, psf, shape_vals, background_model, noise, noise_level,
-    screen=SCREEN_THRESHOLD, exclude=None,
+    screen=SCREEN_THRESHOLD, threshold=PAIR_THRESHOLD, exclude=None,
 ):  # fmt: skip
     """Which sources of a fitted catalog are unresolved pairs, and the pairs' fits.
 
@@ -212,9 +208,23 @@ def find_splits(
         flux=np.column_stack([pf / 2, pf / 2]),
     )  # fmt: skip
     removed = {k: cat[k][idx][:, None] for k in ("x", "y", "flux")}
-    accept, _, two = pair_test(
-        img, good, model, removed, children, np.nan_to_num(cat["background"][idx]), psf=psf,
+    one = dict(
+        x=np.column_stack([px, px]),
+        y=np.column_stack([py, py]),
+        flux=np.column_stack([pf, pf]),
+        valid=np.array([[True, False]] * idx.size),
+    )
+    two = dict(children, valid=np.ones((idx.size, 2), bool))
+    gain, ok, fit = nested_test(
+        img, good, model, removed, one, two, np.nan_to_num(cat["background"][idx]), psf=psf,
         shape_vals=shape_vals, background_model=background_model, noise=noise,
-        min_separation=0.5 * width,
     )  # fmt: skip
-    return idx[accept], {k: v[accept] for k, v in two.items()}
+    sep = np.hypot(fit["x"][:, 0] - fit["x"][:, 1], fit["y"][:, 0] - fit["y"][:, 1])
+    # Both parts stay around the parent (a part that ran onto a neighbour is fitting that
+    # neighbour's residual, not a hidden source), apart by more than the merge distance.
+    drift = np.hypot(fit["x"] - px[:, None], fit["y"] - py[:, None])
+    accept = (
+        ok & (gain > threshold) & np.all(fit["flux"] > 0, axis=1) & (sep >= 0.5 * width)
+        & np.all(drift < 1.5 * width, axis=1)
+    )  # fmt: skip
+    return idx[accept], {k: v[accept] for k, v in fit.items()}

@@ -145,8 +145,14 @@ def test_rotated_gaussian_is_the_seed_model():
     b = -np.sin(2 * t) / (4 * sx**2) + np.sin(2 * t) / (4 * sy**2)
     c = np.sin(t) ** 2 / (2 * sx**2) + np.cos(t) ** 2 / (2 * sy**2)
     seed = amp * np.exp(-(a * (x - x0) ** 2 + 2 * b * (x - x0) * (y - y0) + c * (y - y0) ** 2))
-    p = {"x": x0, "y": y0, "flux": amp * 2 * np.pi * sx * sy, "sigma_x": sx, "sigma_y": sy,
-         "angle": t}
+    p = {
+        "x": x0,
+        "y": y0,
+        "flux": amp * 2 * np.pi * sx * sy,
+        "sigma_x": sx,
+        "sigma_y": sy,
+        "angle": t,
+    }
     ours = crowdfit.get_psf("rotated_gaussian")(p, x[:1], y[:, :1])
     np.testing.assert_allclose(ours, seed, rtol=1e-5, atol=1e-6)
 
@@ -165,23 +171,42 @@ def test_rotated_gaussian_matches_curve_fit(x64):
         g = amp * np.exp(-(a * (x - x0) ** 2 + 2 * b * (x - x0) * (y - y0) + c * (y - y0) ** 2))
         return (g + off).ravel()
 
-    truth = np.column_stack([
-        rng.uniform(80, 120, n), 7 + rng.uniform(-1, 1, n), 7 + rng.uniform(-1, 1, n),
-        rng.uniform(2.4, 2.8, n), rng.uniform(1.4, 1.7, n), rng.uniform(0.2, 0.6, n),
-        np.full(n, 5.0),
-    ])
+    truth = np.column_stack(
+        [
+            rng.uniform(80, 120, n),
+            7 + rng.uniform(-1, 1, n),
+            7 + rng.uniform(-1, 1, n),
+            rng.uniform(2.4, 2.8, n),
+            rng.uniform(1.4, 1.7, n),
+            rng.uniform(0.2, 0.6, n),
+            np.full(n, 5.0),
+        ]
+    )
     imgs = np.stack([seed_model((xx, yy), *p).reshape(shape) for p in truth])
     imgs = imgs + rng.normal(0, 5.0, imgs.shape)
     start = truth * np.array([0.9, 1, 1, 0.9, 1.1, 1, 0.5]) + np.array([0, 0.3, -0.3, 0, 0, 0.1, 0])
 
-    ref = np.array([
-        scipy_opt.curve_fit(seed_model, (xx, yy), im.ravel(), p0=p0, method="lm",
-                            xtol=1e-14, ftol=1e-14, maxfev=20000)[0]
-        for im, p0 in zip(imgs, start, strict=True)
-    ])
+    ref = np.array(
+        [
+            scipy_opt.curve_fit(
+                seed_model,
+                (xx, yy),
+                im.ravel(),
+                p0=p0,
+                method="lm",
+                xtol=1e-14,
+                ftol=1e-14,
+                maxfev=20000,
+            )[0]
+            for im, p0 in zip(imgs, start, strict=True)
+        ]
+    )
     init = {
-        "x": start[:, 1:2], "y": start[:, 2:3], "sigma_x": start[:, 3:4],
-        "sigma_y": start[:, 4:5], "angle": start[:, 5:6],
+        "x": start[:, 1:2],
+        "y": start[:, 2:3],
+        "sigma_x": start[:, 3:4],
+        "sigma_y": start[:, 4:5],
+        "angle": start[:, 5:6],
         "flux": start[:, 0:1] * 2 * np.pi * start[:, 3:4] * start[:, 4:5],
         "background": start[:, 6],
     }
@@ -189,12 +214,21 @@ def test_rotated_gaussian_matches_curve_fit(x64):
     assert res.params["x"].dtype == jnp.float64
     assert np.all(np.asarray(res.status) == 0)
     p = res.params
-    ours = np.column_stack([
-        np.asarray(crowdfit.amplitude({k: v[:, 0] for k, v in p.items() if k != "background"},
-                                      "rotated_gaussian")),
-        p["x"][:, 0], p["y"][:, 0], p["sigma_x"][:, 0], p["sigma_y"][:, 0], p["angle"][:, 0],
-        p["background"],
-    ])
+    ours = np.column_stack(
+        [
+            np.asarray(
+                crowdfit.amplitude(
+                    {k: v[:, 0] for k, v in p.items() if k != "background"}, "rotated_gaussian"
+                )
+            ),
+            p["x"][:, 0],
+            p["y"][:, 0],
+            p["sigma_x"][:, 0],
+            p["sigma_y"][:, 0],
+            p["angle"][:, 0],
+            p["background"],
+        ]
+    )
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
 
 
@@ -316,8 +350,7 @@ def test_optax_solvers_agree_with_lm(solver, atol, rtol):
     rng = np.random.default_rng(12)
     img, init, _ = _small_problem(rng)
     lm = crowdfit.fit_regions(img, init, fixed=("sigma",))
-    res = crowdfit.fit_regions(img, init, fixed=("sigma",), solver=solver, max_iter=2000,
-                               tol=1e-9)
+    res = crowdfit.fit_regions(img, init, fixed=("sigma",), solver=solver, max_iter=2000, tol=1e-9)
     np.testing.assert_allclose(res.params["x"], lm.params["x"], atol=atol)
     np.testing.assert_allclose(res.params["flux"], lm.params["flux"], rtol=rtol)
     # The errors come from the Fisher information at the optimum, whatever the solver.
