@@ -33,7 +33,9 @@ class Catalog:
     `status` (0 = converged), `iterations` and `chi2_reduced`.
 
     `meta` holds how the catalog was made: `psf`, `sigma`, `noise`, `shape` of the image,
-    `background_image` (the smooth background under the sources), `rounds`, `n_regions`.
+    `background_image` (the smooth background under the sources), `rounds`, `n_regions` (in
+    the last grouping), `region_fits` (regions fitted over all rounds) and `splits` (sources
+    the likelihood-ratio test split into two).
     """
 
     data: dict

@@ -22,7 +22,8 @@ def _fit(args) -> int:
         image = image[0]
     cat = fit_image(
         image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
-        threshold=args.threshold, offset=args.offset, progress_bar=not args.quiet,
+        threshold=args.threshold, offset=args.offset, split=not args.no_split,
+        progress_bar=not args.quiet,
     )  # fmt: skip
     out = args.out or "catalog.csv"
     cat.to_csv(out)
@@ -85,6 +86,9 @@ def main(argv=None) -> int:
     fit.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson"])
     fit.add_argument("--threshold", type=float, default=None, help="detection threshold (σ)")
     fit.add_argument("--offset", type=float, default=0.0, help="camera offset to subtract")
+    fit.add_argument(
+        "--no-split", action="store_true", help="no likelihood-ratio test for close pairs"
+    )
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)

@@ -321,10 +321,15 @@ def fit_image(
     image's noise, from a robust MAD estimate), grouped where their light overlaps into regions
     of at most `max_sources` sources and `max_window` pixels a side (neighbours just outside a
     region are fitted with it but reported by their own region), and all regions are fitted in
-    batches, each a sum of Gaussians plus one shared background. Then the residual image is
-    searched for hidden neighbours, sources whose flux is not significant (`flux / flux_err <
-    min_snr`, the Wald form of a likelihood-ratio test for one more source) or that merged into
-    a brighter one are dropped, and the field is refitted, for up to `rounds` rounds.
+    batches, each a sum of Gaussians plus one shared background; the field is fitted twice
+    before anything is judged, so that every neighbour's light comes from its own fit. Then,
+    for up to `rounds` rounds, the residual image is searched for hidden neighbours; with
+    `split`, sources whose residual shows the quadrupole of an unresolved pair are tested as
+    two sources against one (a likelihood-ratio test, see `crowdfit._split`); sources that are
+    not significant (`flux / flux_err < min_snr`; for a weak source within 2 PSF widths of
+    others, the likelihood-ratio test of it against those neighbours alone) or that merged into
+    a brighter one (closer than half a width) are dropped; and the regions near any change are
+    refitted. Pairs down to about 0.7 σ apart are resolved at S/N ~ 70 each.
 
     **Arguments:**
 
@@ -342,9 +347,11 @@ def fit_image(
     - `min_snr`: least `flux / flux_err` for a source to be kept.
     - `rounds`: rounds of residual search and refit after the first fit.
     - `max_sources`, `max_window`: bounds on a region (members, pixels a side).
+    - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
+      `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
     - `progress_bar`: show progress (default: on a terminal).
 
-    **Returns:** a `Catalog`, one row per source.
+    **Returns:** a `Catalog`, one row per source, ordered by `y`, then `x`.
 
     >>> import crowdfit
     >>> image, truth = crowdfit.simulate_field((64, 64), 10, seed=1)
@@ -483,8 +490,10 @@ def fit_image(
             n_src = src["x"].size
             src["dirty"][a[(a < n_src) & (b >= n_src)]] = True
             src["dirty"][b[(b < n_src) & (a >= n_src)]] = True
-    if keep is not None:  # the last fit, judged
+    if keep is not None:  # the last fit, judged; rows in reading order (by y, then x)
         cat = {c: v[keep] for c, v in cat.items()}
+        order = np.lexsort((cat["x"], cat["y"]))
+        cat = {c: v[order] for c, v in cat.items()}
     model = model_image(cat, shape, psf=psf)
     meta.update(
         sigma=sigma, n_regions=n_regions, noise_level=noise_level,
