@@ -55,10 +55,10 @@ def quadrupole_screen(residual, variance, good, x, y, flux, sigma_x, sigma_y):
     >>> pair = sum(np.exp(-((xx - 16 - s) ** 2 + (yy - 16) ** 2) / 8) / (8 * np.pi)
     ...            for s in (-0.8, 0.8))
     >>> one = np.exp(-((xx - 16) ** 2 + (yy - 16) ** 2) / 8) / (8 * np.pi)
-    >>> drop, angle, sep = quadrupole_screen(1000 * (pair - one), np.ones((32, 32)),
-    ...     np.ones((32, 32), bool), np.array([16.0]), np.array([16.0]), np.array([1000.0]),
+    >>> drop, angle, sep = quadrupole_screen(1000 * (pair - 2 * one), np.ones((32, 32)),
+    ...     np.ones((32, 32), bool), np.array([16.0]), np.array([16.0]), np.array([2000.0]),
     ...     2.0, 2.0)
-    >>> round(float(angle[0]), 2), round(float(sep[0]), 1)
+    >>> round(abs(float(angle[0])), 2), round(float(sep[0]), 1)
     (0.0, 1.6)
     """
     h, w = residual.shape
