@@ -446,19 +446,18 @@ def fit_image(
             model = model_image(kept, shape, psf=psf)
             bg_map = estimate_background(img - model, good, sigma=width)
             new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
+            near_new = np.zeros(kept["x"].size, bool)
             if new["x"].size and kept["x"].size:
                 d2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (
                     new["y"][:, None] - kept["y"][None]
                 ) ** 2
-                new = {k: v[d2.min(1) > width**2] for k, v in new.items()}
+                apart = d2.min(1) > width**2
+                new = {k: v[apart] for k, v in new.items()}
+                if apart.any():
+                    near_new = d2[apart].min(0) < (2 * width) ** 2
             if split and kept["x"].size:
-                # Unresolved pairs: one source the residual says is two (see `_split`).
-                near_new = np.zeros(kept["x"].size, bool)
-                if new["x"].size:
-                    dn2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (
-                        new["y"][:, None] - kept["y"][None]
-                    ) ** 2
-                    near_new = dn2.min(0) < (2 * width) ** 2
+                # Unresolved pairs: one source the residual says is two (see `_split`); not
+                # next to a new residual peak, which explains its residual better.
                 parents, kids = find_splits(
                     img, good, kept, model, bg_map, noise_level=noise_level, exclude=near_new,
                     **test_kw,
