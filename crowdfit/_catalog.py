@@ -124,9 +124,9 @@ def model_image(catalog, shape, *, psf=None, background=None):
     **Returns:** an `(H, W)` float array.
 
     >>> import numpy as np, crowdfit
-    >>> cat = {"x": np.array([5.0]), "y": np.array([4.0]), "flux": np.array([100.0]),
+    >>> cat = {"x": np.array([10.0]), "y": np.array([9.0]), "flux": np.array([100.0]),
     ...        "sigma_x": np.array([1.5]), "sigma_y": np.array([1.5])}
-    >>> round(float(crowdfit.model_image(cat, (10, 12), psf="gaussian").sum()), 1)
+    >>> round(float(crowdfit.model_image(cat, (20, 22), psf="gaussian").sum()), 1)
     100.0
     """
     from ._simulate import _render_field
