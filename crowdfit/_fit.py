@@ -100,8 +100,19 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         # skip the square root: their NaN or infinite derivatives would spread through a sum over
         # the batch even where they are multiplied by zero.
         eye = jnp.eye(fisher.shape[0], dtype=dtype)
-        invertible = jnp.all(jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active)))
-        cov = masked_inverse(jnp.where(invertible, fisher, eye), active) * (d[:, None] * d[None, :])
+        # A source whose flux collapsed to zero (softplus underflow) has no information on any
+        # of its parameters: it is left out of the inversion (its errors are NaN) instead of
+        # making the whole region singular.
+        info = jnp.diagonal(jax.lax.stop_gradient(fisher))
+        floor = jnp.finfo(dtype).eps ** 2 * jnp.max(jnp.where(active > 0, info, 0.0))
+        collapsed = (active > 0) & (info <= floor) & (floor > 0)  # (no information: singular)
+        active_cov = jnp.where(collapsed, 0.0, active)
+        invertible = jnp.all(
+            jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active_cov))
+        )
+        cov = masked_inverse(jnp.where(invertible, fisher, eye), active_cov) * (
+            d[:, None] * d[None, :]
+        )
         if not known_scale:
             cov = cov * jnp.where(finite, chi2_reduced, 1.0)
         singular = ~finite | ~invertible | ~jnp.all(jnp.isfinite(cov))
@@ -112,7 +123,7 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         var = jnp.diagonal(cov)
         positive = ~singular & (var > 0)
         sd = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
-        sd = jnp.where(singular, jnp.nan, sd)
+        sd = jnp.where(singular | collapsed, jnp.nan, sd)
 
         params = problem.unpack(u, data["fixed"])
         errors = _errors(problem, sd, valid & ~held)

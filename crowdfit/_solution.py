@@ -28,7 +28,8 @@ class FitResult:
 
     - `params`: dict like `init`: `(B, K)` per source parameter, `"background"` `(B,)` or `(B, 3)`.
     - `errors`: dict of 1σ uncertainties, same shapes; 0 for fixed parameters and padded sources,
-      NaN where the fit was singular.
+      NaN where the fit was singular, and NaN for a source whose flux collapsed to zero (it
+      carries no information; it is left out of the covariance so the region keeps its errors).
     - `covariance`: `(B, P, P)` covariance of the free parameters in the order of `names`
       (rows of fixed or padded parameters are 0).
     - `status`: `(B,)` int codes, see `Status` (0 = converged).

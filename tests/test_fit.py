@@ -385,3 +385,27 @@ def test_bad_input_errors():
         crowdfit.fit_regions(img, init, fixed=("sgima",))
     with pytest.raises(ValueError, match="needs \\(B, 3\\)"):
         crowdfit.fit_regions(img, init, background="plane")
+
+
+def test_collapsed_source_does_not_make_the_region_singular():
+    # A slot with no light under it collapses to zero flux: it carries no information on any
+    # of its parameters. Its errors are NaN; the real source keeps its Fisher errors.
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:16, :16]
+    g = np.exp(-((xx - 8.2) ** 2 + (yy - 7.6) ** 2) / 8.0) / (8.0 * np.pi)
+    img = 5.0 + 2000.0 * g + rng.normal(0.0, 1.0, (16, 16))
+    init = {
+        "x": np.array([[8.0, 3.0]]),
+        "y": np.array([[8.0, 3.0]]),
+        "flux": np.array([[1500.0, 1e-3]]),
+        "sigma": np.full((1, 2), 2.0),
+        "background": np.array([5.0]),
+    }
+    res = crowdfit.fit_regions(img[None], init, fixed=("sigma",))
+    assert int(res.status[0]) == crowdfit.Status.CONVERGED
+    assert float(res.params["flux"][0, 1]) < 0.01
+    for name in ("x", "y", "flux"):
+        assert np.isnan(res.errors[name][0, 1])
+        assert np.isfinite(res.errors[name][0, 0])
+    # The real source's flux error: about the isolated-source bound, noise * sqrt(4 pi sigma^2).
+    assert float(res.errors["flux"][0, 0]) == pytest.approx(np.sqrt(16 * np.pi), rel=0.2)
