@@ -26,7 +26,6 @@ _K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
-_MAX_ITER = 50
 
 
 def _check_image(image, mask):
@@ -173,7 +172,7 @@ def _fit_all(
         init["background"] = bg0 if nb == 1 else np.column_stack([bg0, np.zeros((b, 2))])
         res = fit_regions(
             crops, init, psf=psf, background=background, noise=noise, mask=masks,
-            valid=valid, known=known, fixed=fixed, tol=FIT_TOL, max_iter=_MAX_ITER,
+            valid=valid, known=known, fixed=fixed, tol=FIT_TOL,
         )  # fmt: skip
         p = {k_: np.asarray(v) for k_, v in res.params.items()}
         e = {k_: np.asarray(v) for k_, v in res.errors.items()}

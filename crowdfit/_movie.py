@@ -448,6 +448,34 @@ def fit_block(block, plan: dict, settings: dict) -> dict:
     return out
 
 
+def plan_movie(
+    catalog, project, shape, *, psf, sigma, background, noise, drift, offset, mask, threshold,
+    min_snr, max_sources, max_window, max_iter, chunk_frames, progress_bar,
+):  # fmt: skip
+    """The spots to measure, their plan and the fit settings: shared by `fit_movie` and
+    `crowdfit.dask.fit_movie_dask`.
+
+    Without a `catalog`, the spots are found on `project() -> (image, good)`, the movie's
+    projection (computed only then). **Returns:** `(catalog, plan, settings)`.
+    """
+    if catalog is None:
+        image, good = project()
+        catalog = find_spots(
+            image, good, psf=psf, sigma=sigma, background=background, offset=offset,
+            threshold=threshold, min_snr=min_snr, max_sources=max_sources,
+            max_window=max_window, progress_bar=progress_bar,
+        )  # fmt: skip
+    catalog = as_catalog(catalog)
+    plan = make_plan(
+        catalog, shape, psf=psf, sigma=sigma, max_sources=max_sources, max_window=max_window
+    )
+    settings = fit_settings(
+        psf=psf, background=background, noise=noise, drift=drift, offset=offset, mask=mask,
+        max_iter=max_iter, chunk_frames=chunk_frames,
+    )  # fmt: skip
+    return catalog, plan, settings
+
+
 def fit_settings(*, psf, background, noise, drift, offset, mask, max_iter, chunk_frames) -> dict:
     """The per-frame fit's settings, as plain values (they travel to dask workers)."""
     names = get_psf(psf).params
@@ -565,41 +593,22 @@ def fit_movie(
     )
     tc = chunk_frames_for(shape, chunk_frames)
     starts = range(0, t, tc)
-    if catalog is None:
+
+    def project():
         kind = "max" if projection == "max" else "mean"
         n_proj = projection_frames(projection, t)
         acc = None
         for s in range(0, n_proj, tc):
             part = projection_partial(frames[s : min(s + tc, n_proj)], kind, mask)
             acc = projection_combine(acc, part, kind)
-        image, good = projection_finish(acc, kind)
-        catalog = find_spots(
-            image,
-            good,
-            psf=psf,
-            sigma=sigma,
-            background=background,
-            offset=offset,
-            threshold=threshold,
-            min_snr=min_snr,
-            max_sources=max_sources,
-            max_window=max_window,
-            progress_bar=progress_bar,
-        )
-    catalog = as_catalog(catalog)
-    plan = make_plan(
-        catalog, (h, w), psf=psf, sigma=sigma, max_sources=max_sources, max_window=max_window
-    )
-    settings = fit_settings(
-        psf=psf,
-        background=background,
-        noise=noise,
-        drift=drift,
-        offset=offset,
-        mask=mask,
-        max_iter=max_iter,
-        chunk_frames=tc,
-    )
+        return projection_finish(acc, kind)
+
+    catalog, plan, settings = plan_movie(
+        catalog, project, (h, w), psf=psf, sigma=sigma, background=background, noise=noise,
+        drift=drift, offset=offset, mask=mask, threshold=threshold, min_snr=min_snr,
+        max_sources=max_sources, max_window=max_window, max_iter=max_iter, chunk_frames=tc,
+        progress_bar=progress_bar,
+    )  # fmt: skip
     parts = [
         fit_block(frames[s : s + tc], plan, settings)
         for s in progress(starts, total=len(starts), desc="fitting frames", enabled=progress_bar)

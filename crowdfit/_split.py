@@ -9,15 +9,16 @@ pixel offsets in units of the PSF's widths. A weighted least-squares projection 
 on `T₁, T₂` (`quadrupole_screen`) gives the angle, the separation `d = 4 σ √(c / f)` and the χ²
 drop, which picks the candidates.
 
-Whether a pair is warranted is then a likelihood-ratio test (`pair_test`), the criterion of
+Whether a pair is warranted is then a likelihood-ratio test (`nested_test`), the criterion of
 ThunderSTORM's multi-emitter fitting: on a window around the pair, fit one source and two
 sources, each with a background and every other source's light held as known light, and keep
 the pair when twice the log-likelihood gain exceeds `threshold` (3 more parameters; 30 is a
 p-value of about 1e-6 for χ²₃). With Gaussian noise of unknown level the χ² gain is scaled by
-the window's residual variance under the two-source model (an F test). The same test protects a
-close pair from `flux / flux_err` pruning: in a pair closer than a PSF width the fluxes are
-strongly anti-correlated, so each part's Wald significance is low even when the pair as a whole
-is beyond doubt.
+the window's residual variance under the two-source model (an F test). The same test, as a
+weak source with its close neighbours against the neighbours alone, protects a close pair from
+`flux / flux_err` pruning (`fit_image`'s `_warranted`): in a pair closer than a PSF width the
+fluxes are strongly anti-correlated, so each part's Wald significance is low even when the pair
+as a whole is beyond doubt.
 """
 
 from __future__ import annotations

@@ -14,15 +14,12 @@ from ._catalog import Catalog, empty_columns
 from ._image import fit_image
 from ._movie import (
     Traces,
-    as_catalog,
     assemble,
     check_frames,
     check_options,
     chunk_frames_for,
-    find_spots,
     fit_block,
-    fit_settings,
-    make_plan,
+    plan_movie,
     projection_combine,
     projection_finish,
     projection_frames,
@@ -299,7 +296,8 @@ def fit_movie_dask(
     tc = chunk_frames_for(shape, chunk_frames)
     frames = _as_dask(frames, (tc, h, w)).rechunk((tc, h, w))
     blocks = list(frames.to_delayed().ravel())
-    if catalog is None:
+
+    def project():
         kind = "max" if projection == "max" else "mean"
         n_proj = projection_frames(projection, t)
         acc = None
@@ -307,34 +305,14 @@ def fit_movie_dask(
             block = blocks[i] if s + tc <= n_proj else frames[s:n_proj]
             part = dask.delayed(projection_partial, pure=True)(block, kind, mask)
             acc = dask.delayed(projection_combine, pure=True)(acc, part, kind)
-        image, good = projection_finish(acc.compute(), kind)
-        catalog = find_spots(
-            image,
-            good,
-            psf=psf,
-            sigma=sigma,
-            background=background,
-            offset=offset,
-            threshold=threshold,
-            min_snr=min_snr,
-            max_sources=max_sources,
-            max_window=max_window,
-            progress_bar=progress_bar,
-        )
-    catalog = as_catalog(catalog)
-    plan = make_plan(
-        catalog, (h, w), psf=psf, sigma=sigma, max_sources=max_sources, max_window=max_window
-    )
-    settings = fit_settings(
-        psf=psf,
-        background=background,
-        noise=noise,
-        drift=drift,
-        offset=offset,
-        mask=mask,
-        max_iter=max_iter,
-        chunk_frames=tc,
-    )
+        return projection_finish(acc.compute(), kind)
+
+    catalog, plan, settings = plan_movie(
+        catalog, project, (h, w), psf=psf, sigma=sigma, background=background, noise=noise,
+        drift=drift, offset=offset, mask=mask, threshold=threshold, min_snr=min_snr,
+        max_sources=max_sources, max_window=max_window, max_iter=max_iter, chunk_frames=tc,
+        progress_bar=progress_bar,
+    )  # fmt: skip
     # One key each for the plan and the settings, shared by every task.
     plan_d = dask.delayed(plan, pure=True)
     settings_d = dask.delayed(settings, pure=True)
