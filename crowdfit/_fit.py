@@ -7,6 +7,7 @@ The host checks the inputs and pads the batch to a bucketed size; one compiled p
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -58,9 +59,15 @@ def _bucket(n: int, chunk: int, max_batch: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
-    """The compiled batch fit for one problem; cached so equal settings share one program."""
+    """The compiled batch fit for one problem; cached so equal settings share one program.
 
-    def one(image, mask, weight, known, valid, held, p):
+    The program takes, beyond the region data, `start` `(B, P)` internal parameters that
+    replace the packed `init` where `resume` `(B,)` is True (a region continued from an earlier
+    stage), and `budget`, the iteration limit as a traced scalar (so every stage of a staged
+    fit shares one program). Unrolled fits use the static `max_iter` instead.
+    """
+
+    def one(image, mask, weight, known, valid, held, p, start, resume, budget):
         dtype = image.dtype
         data = dict(
             image=image,
@@ -71,13 +78,12 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             held=held,
             fixed={n: p[n] for n in (*problem.names, "background") if n in problem.fixed},
         )
-        u0 = problem.pack(p).astype(dtype)
+        u0 = jnp.where(resume, start, problem.pack(p).astype(dtype))
+        limit = max_iter if adjoint == "unroll" else budget
         if solver == "lm":
-            run = functools.partial(levenberg_marquardt, problem, max_iter=max_iter, tol=tol)
+            run = functools.partial(levenberg_marquardt, problem, max_iter=limit, tol=tol)
         else:
-            run = functools.partial(
-                optax_minimise, problem, solver=solver, max_iter=max_iter, tol=tol
-            )
+            run = functools.partial(optax_minimise, problem, solver=solver, max_iter=limit, tol=tol)
         if adjoint == "implicit":
             u, status, iterations = run(
                 jax.lax.stop_gradient(u0), jax.lax.stop_gradient(data), unroll=False
@@ -128,6 +134,7 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         params = problem.unpack(u, data["fixed"])
         errors = _errors(problem, sd, valid & ~held)
         return dict(
+            u=u,
             params=params,
             errors=errors,
             covariance=cov,
@@ -137,10 +144,10 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             chi2_reduced=chi2_reduced,
         )
 
-    def batch(images, mask, weight, known, valid, held, params):
+    def batch(images, mask, weight, known, valid, held, params, start, resume, budget):
         _TRACE_COUNT[0] += 1
-        xs = (images, mask, weight, known, valid, held, params)
-        return jax.lax.map(lambda a: one(*a), xs, batch_size=min(chunk, images.shape[0]))
+        xs = (images, mask, weight, known, valid, held, params, start, resume)
+        return jax.lax.map(lambda a: one(*a, budget), xs, batch_size=min(chunk, images.shape[0]))
 
     return jax.jit(batch)
 
@@ -158,6 +165,58 @@ def _errors(problem, sd, valid):
     nb = problem.n_background
     out["background"] = sd[k * nf :] if problem.background_free else jnp.zeros((nb,), sd.dtype)
     return out
+
+
+# Cumulative iteration budgets after which a staged fit sets its finished regions aside.
+_STAGES = (8, 20)
+
+
+def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
+    """Fit one piece with the program `fn` (padded to its bucket), `budget` iterations at most.
+
+    `start` `(n, P)`: internal parameters to continue from instead of the piece's `init`.
+    """
+    n = piece[0].shape[0]
+    dtype = piece[0].dtype
+    resume = jnp.full(n, start is not None)
+    start = jnp.zeros((n, n_params), dtype) if start is None else jnp.asarray(start, dtype)
+    args = (*piece, start, resume)
+    size = _bucket(n, chunk, max_batch)
+    if size > n:
+        # Padding regions: no pixels, no sources; they converge at once and are dropped.
+        args = jax.tree_util.tree_map(functools.partial(_pad, size=size), args)
+    out = fn(*args, jnp.asarray(budget, jnp.int32))
+    return jax.tree_util.tree_map(lambda a: a[:n], out)
+
+
+def _staged(run, piece, max_iter):
+    """Fit one piece in stages of growing iteration budget, compacting unfinished regions.
+
+    Regions in a vmapped chunk all step until the slowest is done, and a few slow regions (a
+    flat valley, a source sliding onto its neighbour) would make every chunk run `max_iter`
+    steps. So the whole piece gets `_STAGES[0]` iterations; the regions still running are
+    gathered into a smaller batch and continued from where they stopped (the damping restarts),
+    and so on up to `max_iter`. A region that converges early is unaffected.
+    """
+    cuts = [c for c in _STAGES if c < max_iter] + [max_iter]
+    out = jax.device_get(run(piece, cuts[0]))
+    for done, cut in itertools.pairwise(cuts):
+        going = np.flatnonzero(
+            (out["status"] == Status.MAX_ITERATIONS) & (out["iterations"] >= done)
+        )
+        if going.size == 0:
+            break
+        sub = jax.tree_util.tree_map(lambda a, i=going: a[i], piece)
+        more = jax.device_get(run(sub, cut - done, out["u"][going]))
+        more["iterations"] = more["iterations"] + out["iterations"][going]
+        out = jax.tree_util.tree_map(functools.partial(_put, index=going), out, more)
+    return jax.tree_util.tree_map(jnp.asarray, out)
+
+
+def _put(a, b, index):
+    a = np.array(a)
+    a[index] = b
+    return a
 
 
 def _pad(a, size):
@@ -354,7 +413,9 @@ def fit_regions(
     default_chunk, default_max = _default_sizes(k * h * w)
     max_batch = int(max_batch or max(default_max, chunk_size or 0))
     chunk = min(int(chunk_size or default_chunk), max_batch)
-    fn = _program(problem, solver, int(max_iter), float(tol), adjoint, int(chunk), known_scale)
+    # Unrolled fits compile their length; the others take the budget at run time.
+    static_iter = int(max_iter) if adjoint == "unroll" else 0
+    fn = _program(problem, solver, static_iter, float(tol), adjoint, int(chunk), known_scale)
 
     mask_f = mask.astype(dtype)
     if known is None:
@@ -365,22 +426,25 @@ def fit_regions(
             raise ValueError(f"known must have the images' shape {images.shape}, got {known.shape}")
         known = jnp.where(mask, known, 0.0)
     inputs = (images, mask_f, weights, known, valid, held, params)
+    # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
+    # (under jit, grad or vmap) and the other solvers run in one go.
+    staged = (
+        solver == "lm"
+        and adjoint == "implicit"
+        and all(_is_concrete(a) for a in jax.tree_util.tree_leaves(inputs))
+    )
+    run = functools.partial(_run, fn, n_params=problem.size, chunk=chunk, max_batch=max_batch)
     pieces = []
     starts = range(0, b, max_batch)
     for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):
         piece = jax.tree_util.tree_map(lambda a, s=s: a[s : s + max_batch], inputs)
-        n = piece[0].shape[0]
-        size = _bucket(n, chunk, max_batch)
-        if size > n:
-            # Padding regions: no pixels, no sources; they converge at once and are dropped.
-            piece = jax.tree_util.tree_map(functools.partial(_pad, size=size), piece)
-        out = fn(*piece)
-        pieces.append(jax.tree_util.tree_map(lambda a, n=n: a[:n], out))
+        pieces.append(_staged(run, piece, int(max_iter)) if staged else run(piece, max_iter))
     out = (
         pieces[0]
         if len(pieces) == 1
         else jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *pieces)
     )
+    out.pop("u")
     params_out = out["params"]
     if nb == 1:
         params_out["background"] = params_out["background"][:, 0]

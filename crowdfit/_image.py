@@ -112,6 +112,10 @@ def _fit_all(
     With a `previous` catalog, `src["prev"]` `(N,)` (each source's row there, -1 if new) and
     `src["dirty"]` `(N,)`, only regions with a dirty member are refitted; the others keep their
     previous results.
+
+    **Returns:** `(columns, n_regions, n_fitted, refitted)`: the per-source columns, the number
+    of regions and of regions fitted in this call, and `refitted` `(N,)`, True for the sources
+    whose region was fitted.
     """
     h, w = img.shape
     sigma = max(v for k, v in shape_vals.items() if k != "angle")
@@ -124,11 +128,13 @@ def _fit_all(
     for c in ("group", "status", "iterations"):
         out[c] = np.zeros(n, int)
     redo = range(len(regions))
+    refitted = np.ones(n, bool)
     if previous is not None:
         redo = [i for i, r in enumerate(regions) if src["dirty"][r.members].any()]
         same = np.ones(n, bool)
         for i in redo:
             same[regions[i].members] = False
+        refitted = ~same
         for c in COLUMNS:
             out[c][same] = previous[c][src["prev"][same]]
         for r in regions:
@@ -205,7 +211,7 @@ def _fit_all(
     )  # fmt: skip
     with np.errstate(divide="ignore", invalid="ignore"):
         out["snr"] = out["flux"] / out["flux_err"]
-    return out, len(regions), len(redo)
+    return out, len(regions), len(redo), refitted
 
 
 def _isolated_flux_error(cat, noise, noise_level):
@@ -258,8 +264,10 @@ def _prune(cat, sigma, min_snr, shape, protect, floor_err):
     return keep
 
 
-def _warranted(img, good, cat, width, min_snr, shape, **test_kw):
+def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     """`(N,)` True for weak sources in a close group that the likelihood-ratio test upholds.
+
+    `only` `(N,)`: test just these sources (the others get False).
 
     A source with `flux / flux_err < min_snr` within 2 PSF widths of others is judged by a
     likelihood-ratio test (`nested_test`) instead: it and its (up to 3) closest neighbours
@@ -269,7 +277,8 @@ def _warranted(img, good, cat, width, min_snr, shape, **test_kw):
     n = cat["x"].size
     out = np.zeros(n, bool)
     ok = np.isfinite(cat["x"]) & np.isfinite(cat["flux"]) & (cat["flux"] > 0)
-    weak = np.where(ok & np.isfinite(cat["snr"]) & (cat["snr"] < min_snr))[0]
+    weak = ok & np.isfinite(cat["snr"]) & (cat["snr"] < min_snr)
+    weak = np.where(weak if only is None else weak & only)[0]
     if weak.size == 0 or ok.sum() < 2:
         return out
     others = np.where(ok)[0]
@@ -404,7 +413,7 @@ def fit_image(
     src = dict(x=det["x"], y=det["y"], flux=det["flux_guess"], background_map=bg_map)
     fit_kw = dict(background=background, noise=noise, max_sources=max_sources,
                   max_window=max_window, progress_bar=progress_bar)  # fmt: skip
-    cat, n_regions, keep, fits = None, 0, None, 0
+    cat, n_regions, keep, fits, last_protect = None, 0, None, 0, None
     for _ in range(rounds + 4):  # two first fits, `rounds` searches, refits after pruning
         if src["x"].size == 0:
             cat, keep = empty_columns(), None
@@ -412,7 +421,7 @@ def fit_image(
         # The first fit's neighbour light comes from detection guesses: the second refits all.
         previous = cat if ("prev" in src and fits >= 2) else None
         fits += 1
-        cat, n_regions, n_fitted = _fit_all(
+        cat, n_regions, n_fitted, refitted = _fit_all(
             img, good, src, psf, shape_vals, free_shape=free_shape, previous=previous, **fit_kw
         )
         meta["region_fits"] += n_fitted
@@ -431,10 +440,15 @@ def fit_image(
             src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
             continue
         test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise)
-        protect = (
-            _warranted(img, good, cat, width, min_snr, shape, **test_kw)
-            if split else np.zeros(cat["x"].size, bool)
-        )  # fmt: skip
+        # A source whose region was not refitted keeps last round's verdicts: nothing within
+        # reach of its test window changed (see `_REACH`).
+        protect = np.zeros(cat["x"].size, bool)
+        if split:
+            protect = _warranted(img, good, cat, width, min_snr, shape, only=refitted, **test_kw)
+            if previous is not None:
+                old = ~refitted
+                protect[old] = last_protect[src["prev"][old]]
+        last_protect = protect
         floor_err = _isolated_flux_error(cat, noise, noise_level)
         keep = _prune(cat, width, min_snr, shape, protect, floor_err)
         kept = {c: v[keep] for c, v in cat.items()}
@@ -458,8 +472,8 @@ def fit_image(
                 # Unresolved pairs: one source the residual says is two (see `_split`); not
                 # next to a new residual peak, which explains its residual better.
                 parents, kids = find_splits(
-                    img, good, kept, model, bg_map, noise_level=noise_level, exclude=near_new,
-                    **test_kw,
+                    img, good, kept, model, bg_map, noise_level=noise_level,
+                    exclude=near_new | ~refitted[keep], **test_kw,
                 )  # fmt: skip
             meta["rounds"] += 1
         if new["x"].size == 0 and parents.size == 0 and keep.all():
