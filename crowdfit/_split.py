@@ -34,7 +34,7 @@ __all__ = ["quadrupole_screen", "nested_test", "find_splits"]
 
 # The least twice-log-likelihood gain for two sources over one (3 more parameters). 30 left
 # the mean flux bias at +2.0 % on the 0.1 stars/FWHM² benchmark field; 20 gives +1.6 % with the
-# same precision, and no isolated star (S/N 70–7000, 540 of them) is split.
+# same precision, and the catalogs of 540 sparse stars (S/N 70–7000) hold no extra source.
 PAIR_THRESHOLD = 20.0
 # Convergence tolerance of the whole-image fits: stop when the last step's predicted χ²
 # decrease is below 1e-4 of one pixel's (a 1 % shift of a parameter's 1σ error at most).
