@@ -13,8 +13,9 @@ Whether a pair is warranted is then a likelihood-ratio test (`nested_test`), the
 ThunderSTORM's multi-emitter fitting: on a window around the pair, fit one source and two
 sources, each with a background and every other source's light held as known light, and keep
 the pair when twice the log-likelihood gain exceeds `threshold` (3 more parameters; 20 is a
-p-value of about 2e-4 for χ²₃, and only the few sources the screen picks are tested). With Gaussian noise of unknown level the χ² gain is scaled by
-the window's residual variance under the two-source model (an F test). The same test, as a
+p-value of about 2e-4 for χ²₃, and only the few sources the screen picks are tested). With
+Gaussian noise of unknown level the χ² gain is scaled by the window's residual variance under
+the two-source model (an F test). The same test, as a
 weak source with its close neighbours against the neighbours alone, protects a close pair from
 `flux / flux_err` pruning (`fit_image`'s `_warranted`): in a pair closer than a PSF width the
 fluxes are strongly anti-correlated, so each part's Wald significance is low even when the pair
