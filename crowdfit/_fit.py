@@ -288,7 +288,10 @@ def fit_regions(
     - `offset`: camera offset subtracted from `images` before fitting (e.g. for Poisson counts).
     - `solver`: `"lm"` (Levenberg–Marquardt) or any optax optimizer (`optax.lbfgs()`, ...).
     - `max_iter`, `tol`: iteration limit, and convergence tolerance as a fraction of one pixel's
-      expected contribution to the loss (see `levenberg_marquardt`).
+      expected contribution to the loss (see `levenberg_marquardt`). Outside `jit`, `grad` and
+      `vmap`, Levenberg–Marquardt runs in stages (8, 20, then `max_iter` iterations), each on
+      the regions still running, so a few slow regions do not hold up a whole batch; a region
+      continued into a later stage restarts its damping.
     - `adjoint`: how `jax.grad`, `jax.jvp` and friends see the fit. `"implicit"` (default): the
       exact derivative of the optimum by the implicit function theorem (one small solve with the
       loss's full Hessian per region), with respect to `images`, `weights`, `offset` and every
