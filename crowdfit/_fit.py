@@ -171,35 +171,53 @@ def _errors(problem, sd, valid):
 _STAGES = (8, 20)
 
 
-def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
+_COMPILED: set = set()  # (id(program), batch size, dtype) run so far
+
+
+def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch, at_most=None):
     """Fit one piece with the program `fn` (padded to its bucket), `budget` iterations at most.
 
     `start` `(n, P)`: internal parameters to continue from instead of the piece's `init`.
+    `at_most`: a batch size already compiled; the piece is padded to the smallest bucket that
+    is compiled already, or else to `at_most` (a later stage never compiles a new program).
     """
+    # Host (numpy) pieces are padded and cut on the host: jax would compile a small program
+    # for every new batch size a stage brings.
+    host = isinstance(piece[0], np.ndarray)
+    xp = np if host else jnp
     n = piece[0].shape[0]
     dtype = piece[0].dtype
-    resume = jnp.full(n, start is not None)
-    start = jnp.zeros((n, n_params), dtype) if start is None else jnp.asarray(start, dtype)
+    resume = xp.full(n, start is not None)
+    start = xp.zeros((n, n_params), dtype) if start is None else xp.asarray(start, dtype)
     args = (*piece, start, resume)
     size = _bucket(n, chunk, max_batch)
+    if at_most is not None:
+        while size < at_most and (id(fn), size, dtype) not in _COMPILED:
+            size = min(size * 4, at_most)
+    _COMPILED.add((id(fn), size, dtype))
     if size > n:
         # Padding regions: no pixels, no sources; they converge at once and are dropped.
-        args = jax.tree_util.tree_map(functools.partial(_pad, size=size), args)
-    out = fn(*args, jnp.asarray(budget, jnp.int32))
+        args = jax.tree_util.tree_map(functools.partial(_pad, size=size, xp=xp), args)
+    out = fn(*args, np.int32(budget))
+    if host:
+        out = jax.device_get(out)
     return jax.tree_util.tree_map(lambda a: a[:n], out)
 
 
-def _staged(run, piece, max_iter):
+def _staged(run, piece, max_iter, size):
     """Fit one piece in stages of growing iteration budget, compacting unfinished regions.
 
     Regions in a vmapped chunk all step until the slowest is done, and a few slow regions (a
     flat valley, a source sliding onto its neighbour) would make every chunk run `max_iter`
     steps. So the whole piece gets `_STAGES[0]` iterations; the regions still running are
     gathered into a smaller batch and continued from where they stopped (the damping restarts),
-    and so on up to `max_iter`. A region that converges early is unaffected.
+    and so on up to `max_iter`. A region that converges early is unaffected. The smaller batch
+    is padded to a batch size compiled before (padding chunks finish in one step), at most
+    `size`, the first stage's, so staging adds no compile time.
     """
     cuts = [c for c in _STAGES if c < max_iter] + [max_iter]
-    out = jax.device_get(run(piece, cuts[0]))
+    piece = jax.device_get(piece)
+    out = run(piece, cuts[0])
     for done, cut in itertools.pairwise(cuts):
         going = np.flatnonzero(
             (out["status"] == Status.MAX_ITERATIONS) & (out["iterations"] >= done)
@@ -207,7 +225,7 @@ def _staged(run, piece, max_iter):
         if going.size == 0:
             break
         sub = jax.tree_util.tree_map(lambda a, i=going: a[i], piece)
-        more = jax.device_get(run(sub, cut - done, out["u"][going]))
+        more = run(sub, cut - done, out["u"][going], at_most=size)
         more["iterations"] = more["iterations"] + out["iterations"][going]
         out = jax.tree_util.tree_map(functools.partial(_put, index=going), out, more)
     return jax.tree_util.tree_map(jnp.asarray, out)
@@ -219,8 +237,8 @@ def _put(a, b, index):
     return a
 
 
-def _pad(a, size):
-    return jnp.concatenate([a, jnp.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)])
+def _pad(a, size, xp=jnp):
+    return xp.concatenate([a, xp.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
 def _source_mask(a, default, b, k, name):
@@ -441,7 +459,11 @@ def fit_regions(
     starts = range(0, b, max_batch)
     for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):
         piece = jax.tree_util.tree_map(lambda a, s=s: a[s : s + max_batch], inputs)
-        pieces.append(_staged(run, piece, int(max_iter)) if staged else run(piece, max_iter))
+        if staged:
+            size = _bucket(piece[0].shape[0], chunk, max_batch)  # the first stage's batch
+            pieces.append(_staged(run, piece, int(max_iter), size))
+        else:
+            pieces.append(run(piece, max_iter))
     out = (
         pieces[0]
         if len(pieces) == 1
