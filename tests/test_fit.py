@@ -413,3 +413,33 @@ def test_collapsed_source_does_not_make_the_region_singular():
         assert np.isfinite(res.errors[name][0, 0])
     # The real source's flux error: about the isolated-source bound, noise * sqrt(4 pi sigma^2).
     assert float(res.errors["flux"][0, 0]) == pytest.approx(np.sqrt(16 * np.pi), rel=0.2)
+
+
+def test_staged_fit_matches_one_stage():
+    # Concrete inputs run in stages (8, 20, max_iter iterations; see `_fit._staged`) and
+    # continue the regions still running; under jit the whole batch runs in one go. Both must
+    # reach the same optima, well within the statistical errors.
+    rng = np.random.default_rng(12)
+    n = 96
+    truth = _group(n, 2, 1.0 * SIGMA, rng)
+    mu = render("gaussian", {**truth, "background": np.full(n, 10.0)}, SHAPE)
+    img = (mu + rng.normal(0, 5.0, mu.shape)).astype(np.float32)
+    init = _start(truth, rng, bg=5.0)
+    init["x"] = truth["x"] + rng.normal(0, 1.5, truth["x"].shape)
+    init["flux"] = truth["flux"] * 0.3
+    staged = crowdfit.fit_regions(img, init, fixed=("sigma",))
+    whole = jax.jit(lambda im: crowdfit.fit_regions(im, init, fixed=("sigma",)))(img)
+    it = np.asarray(staged.iterations)
+    assert (it > _fit._STAGES[0]).sum() >= 5, "no region reached a second stage"
+    ok = np.asarray(staged.converged) & np.asarray(whole.converged)
+    assert ok.mean() > 0.9
+    # A continued region goes on from where it stopped (only its damping restarts).
+    late = ok & (it > _fit._STAGES[0])
+    extra = it[late] - np.asarray(whole.iterations)[late]
+    assert np.median(extra) <= 2, np.sort(extra)
+    for name in ("x", "y", "flux"):
+        a, b = np.asarray(staged.params[name])[ok], np.asarray(whole.params[name])[ok]
+        err = np.asarray(staged.errors[name])[ok]
+        fin = np.isfinite(err)  # not a source whose flux collapsed (NaN errors)
+        assert fin.mean() > 0.8
+        assert np.quantile(np.abs(a - b)[fin] / err[fin], 0.95) < 0.05, name
