@@ -1,7 +1,8 @@
 """`fit_regions`: fit many small windows of overlapping sources at once, jointly within each window.
 
 The host checks the inputs and pads the batch to a bucketed size; one compiled program per
-(problem, bucket) fits the whole batch on the device.
+(problem, bucket) fits the whole batch on the device. Concrete Levenberg–Marquardt fits run in
+stages (`_staged`): the regions still running after each stage are gathered and continued.
 """
 
 from __future__ import annotations
@@ -169,8 +170,6 @@ def _errors(problem, sd, valid):
 
 # Cumulative iteration budgets after which a staged fit sets its finished regions aside.
 _STAGES = (8, 20)
-
-
 _COMPILED: set = set()  # (id(program), batch size, dtype) run so far
 
 
