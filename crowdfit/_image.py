@@ -16,7 +16,7 @@ from ._detect import detect, estimate_background, estimate_noise, estimate_sigma
 from ._fit import fit_regions
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
-from ._psf import amplitude, get_psf
+from ._psf import amplitude, get_psf, render_windows
 from ._split import FIT_TOL, PAIR_THRESHOLD, find_splits, nested_test
 
 __all__ = ["fit_image"]
@@ -85,11 +85,7 @@ def _neighbour_light(regs, origins, src, psf, shape_vals, size):
         p["x"][j, : s.size] = src["x"][s] - origins[j, 1]
         p["y"][j, : s.size] = src["y"][s] - origins[j, 0]
         p["flux"][j, : s.size] = np.maximum(src["flux"][s], 0.0)
-    q = {n: v[:, :, None, None] for n, v in p.items()}
-    q.update(shape_vals)
-    grid = np.arange(size, dtype=float)
-    light = psf(q, grid[None, None, None, :], grid[None, None, :, None])
-    return np.asarray(light).sum(axis=1)
+    return render_windows(psf, {**p, **shape_vals}, size)
 
 
 def _fit_all(

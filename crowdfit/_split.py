@@ -30,6 +30,7 @@ import numpy as np
 
 from ._fit import fit_regions
 from ._group import pad_windows
+from ._psf import render_windows
 
 __all__ = ["quadrupole_screen", "nested_test", "find_splits"]
 
@@ -130,11 +131,8 @@ def nested_test(
     windows = np.column_stack([oy, oy + size, ox, ox + size])
     crops, masks, _ = pad_windows(img, windows, (size, size), mask=good)
     model_crops, _, _ = pad_windows(model, windows, (size, size))
-    grid = np.arange(size, dtype=float)
-    q = {"x": (removed["x"] - ox[:, None])[:, :, None, None],
-         "y": (removed["y"] - oy[:, None])[:, :, None, None],
-         "flux": removed["flux"][:, :, None, None], **shape_vals}  # fmt: skip
-    own = np.asarray(psf(q, grid[None, None, None, :], grid[None, None, :, None])).sum(1)
+    q = dict(x=removed["x"] - ox[:, None], y=removed["y"] - oy[:, None], flux=removed["flux"])
+    own = render_windows(psf, {**q, **shape_vals}, size)
     known = model_crops - own
     # One batch: the C smaller models, then the C larger ones (one compiled shape).
     both = {n: np.concatenate([smaller[n], larger[n]]) for n in ("x", "y", "flux", "valid")}
