@@ -79,6 +79,8 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             held=held,
             fixed={n: p[n] for n in (*problem.names, "background") if n in problem.fixed},
         )
+        if problem.separable:  # the weights' rectangle and value (see `RegionProblem`)
+            data.update(rows=jnp.max(mask, 1), cols=jnp.max(mask, 0), scale=jnp.max(mask * weight))
         u0 = jnp.where(resume, start, problem.pack(p).astype(dtype))
         limit = max_iter if adjoint == "unroll" else budget
         if solver == "lm":
@@ -238,6 +240,25 @@ def _put(a, b, index):
 
 def _pad(a, size, xp=jnp):
     return xp.concatenate([a, xp.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)])
+
+
+def _is_separable(psf, names, fixed, noise_model, mask, weights) -> bool:
+    """Whether a fit can use the separable Gauss–Newton matrix (see `RegionProblem`): checked
+    on the host, so only for concrete masks and weights."""
+    if psf.profile is None or noise_model is not get_noise("gaussian"):
+        return False
+    if not set(names) - set(fixed) <= {"x", "y", "flux"}:
+        return False  # a free width: its Jacobian column is not one outer product
+    if not (_is_concrete(mask) and _is_concrete(weights)):
+        return False
+    m = np.asarray(mask, bool)
+    rect = m.any(2)[:, :, None] & m.any(1)[:, None, :]
+    if not np.array_equal(m, rect):
+        return False
+    w = np.asarray(weights)
+    lo = np.where(m, w, np.inf).min(axis=(1, 2))
+    hi = np.where(m, w, -np.inf).max(axis=(1, 2))
+    return bool(np.all((lo == hi) | (lo == np.inf)))
 
 
 def _source_mask(a, default, b, k, name):
@@ -429,7 +450,10 @@ def fit_regions(
             ) from None
         weights = jnp.where(mask, weights, 0.0)
 
-    problem = RegionProblem(psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w))
+    separable = _is_separable(psf, names, fixed, noise_model, mask, weights)
+    problem = RegionProblem(
+        psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w), separable
+    )
     default_chunk, default_max = _default_sizes(k * h * w)
     max_batch = int(max_batch or max(default_max, chunk_size or 0))
     chunk = min(int(chunk_size or default_chunk), max_batch)

@@ -31,11 +31,23 @@ class PSF:
       the column coordinate with shape `(1, W)` and `y` the row coordinate with shape `(H, 1)`
       (pixel centres at integers). The result broadcasts to `(H, W)` and holds the source's counts
       per pixel (so it sums to about `flux` for a source well inside the window).
+    - `profile`: for a separable model, its 1-D factor `profile(d, s)` (elementwise in the
+      offsets `d` from the centre and the width `s`), such that `render` is
+      `flux * profile(y - y0, s_y) * profile(x - x0, s_x)`, with `s_x, s_y` the `sigma_x`,
+      `sigma_y` parameters (or both `sigma`). Fits with fixed widths then use a cheaper, exact
+      Gauss–Newton matrix (see `RegionProblem`). `None`: not separable.
     """
 
     name: str
     params: tuple[str, ...] | None
     render: Callable
+    profile: Callable | None = None
+
+    def widths(self, p):
+        """`(s_x, s_y)` of a separable model from its parameters `p`."""
+        if "sigma_x" in p:
+            return p["sigma_x"], p["sigma_y"]
+        return p["sigma"], p["sigma"]
 
     def __call__(self, params, x, y):
         return self.render(params, x, y)
@@ -49,6 +61,10 @@ def _integrated_1d(d, sigma):
     # Fraction of a unit 1-D Gaussian that falls on the pixel [d - 1/2, d + 1/2].
     s = sigma * math.sqrt(2.0)
     return 0.5 * (erf((d + 0.5) / s) - erf((d - 0.5) / s))
+
+
+def _gauss_profile(d, sigma):
+    return _gauss_1d(d, sigma) / (math.sqrt(2 * math.pi) * sigma)
 
 
 def _gaussian(p, x, y):
@@ -89,9 +105,12 @@ def _integrated_elliptical_gaussian(p, x, y):
 
 
 _BUILTIN = {
-    "gaussian": PSF("gaussian", ("x", "y", "flux", "sigma"), _gaussian),
+    "gaussian": PSF("gaussian", ("x", "y", "flux", "sigma"), _gaussian, _gauss_profile),
     "elliptical_gaussian": PSF(
-        "elliptical_gaussian", ("x", "y", "flux", "sigma_x", "sigma_y"), _elliptical_gaussian
+        "elliptical_gaussian",
+        ("x", "y", "flux", "sigma_x", "sigma_y"),
+        _elliptical_gaussian,
+        _gauss_profile,
     ),
     "rotated_gaussian": PSF(
         "rotated_gaussian",
@@ -99,12 +118,13 @@ _BUILTIN = {
         _rotated_gaussian,
     ),
     "integrated_gaussian": PSF(
-        "integrated_gaussian", ("x", "y", "flux", "sigma"), _integrated_gaussian
+        "integrated_gaussian", ("x", "y", "flux", "sigma"), _integrated_gaussian, _integrated_1d
     ),
     "integrated_elliptical_gaussian": PSF(
         "integrated_elliptical_gaussian",
         ("x", "y", "flux", "sigma_x", "sigma_y"),
         _integrated_elliptical_gaussian,
+        _integrated_1d,
     ),
 }
 

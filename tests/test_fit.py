@@ -443,3 +443,58 @@ def test_staged_fit_matches_one_stage():
         fin = np.isfinite(err)  # not a source whose flux collapsed (NaN errors)
         assert fin.mean() > 0.8
         assert np.quantile(np.abs(a - b)[fin] / err[fin], 0.95) < 0.05, name
+
+
+@pytest.mark.parametrize("background", ["constant", "plane"])
+@pytest.mark.parametrize("psf", ["gaussian", "integrated_elliptical_gaussian"])
+def test_separable_normal_equations_match_generic(x64, psf, background):
+    # With fixed widths, Gaussian noise and a rectangular mask, each Jacobian column is an
+    # outer product and the Gauss–Newton matrix a product of two small Gram matrices
+    # (`RegionProblem._separable_equations`). It must equal the generic assembly.
+    from crowdfit._problem import RegionProblem
+
+    p_ = crowdfit.get_psf(psf)
+    k, shape = 3, (12, 10)
+    rng = np.random.default_rng(3)
+    shapes = [n for n in p_.params if n.startswith("sigma")]
+    fixed = frozenset(shapes)
+    noise = crowdfit.get_noise("gaussian")
+    generic, fast = (
+        RegionProblem(p_, p_.params, fixed, background, noise, k, shape, sep)
+        for sep in (False, True)
+    )
+    params = {"x": rng.uniform(2, 8, k), "y": rng.uniform(2, 10, k), "flux": rng.uniform(50, 500, k),
+              "background": rng.uniform(1, 3, generic.n_background)}  # fmt: skip
+    held = {n: jnp.asarray(rng.uniform(1.2, 2.5, k)) for n in shapes}
+    mask = np.zeros(shape)
+    mask[1:9, 2:] = 1.0
+    data = dict(
+        image=jnp.asarray(rng.normal(5, 2, shape)), mask=jnp.asarray(mask),
+        weight=jnp.full(shape, 0.3), known=jnp.asarray(rng.uniform(0, 1, shape)),
+        valid=jnp.array([True, True, False]), held=jnp.zeros(k, bool), fixed=held,
+        rows=jnp.asarray(mask.max(1)), cols=jnp.asarray(mask.max(0)), scale=0.3,
+    )  # fmt: skip
+    u = generic.pack({n: jnp.asarray(v) for n, v in params.items()})
+    for a, b in zip(generic.normal_equations(u, data), fast.normal_equations(u, data), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * float(jnp.max(jnp.abs(a))))
+
+
+def test_separable_only_where_exact():
+    gauss, noise = crowdfit.get_psf("gaussian"), crowdfit.get_noise("gaussian")
+    mask = np.ones((2, 8, 8), bool)
+    mask[0, :, 6:] = False  # a window cut by the image edge: still a rectangle
+    weights = np.ones((2, 8, 8))
+    names = gauss.params
+    assert _fit._is_separable(gauss, names, ("sigma",), noise, mask, weights)
+    assert not _fit._is_separable(gauss, names, (), noise, mask, weights)  # free width
+    poisson = crowdfit.get_noise("poisson")
+    assert not _fit._is_separable(gauss, names, ("sigma",), poisson, mask, weights)
+    rotated = crowdfit.get_psf("rotated_gaussian")
+    assert not _fit._is_separable(rotated, rotated.params, ("sigma_x", "sigma_y", "angle"), noise,
+                                  mask, weights)  # fmt: skip
+    holed = mask.copy()
+    holed[1, 3, 3] = False  # a masked pixel inside the window
+    assert not _fit._is_separable(gauss, names, ("sigma",), noise, holed, weights)
+    uneven = weights.copy()
+    uneven[1, 0, 0] = 2.0
+    assert not _fit._is_separable(gauss, names, ("sigma",), noise, mask, uneven)
