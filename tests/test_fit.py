@@ -463,7 +463,8 @@ def test_separable_normal_equations_match_generic(x64, psf, background):
         RegionProblem(p_, p_.params, fixed, background, noise, k, shape, sep)
         for sep in (False, True)
     )
-    params = {"x": rng.uniform(2, 8, k), "y": rng.uniform(2, 10, k), "flux": rng.uniform(50, 500, k),
+    params = {"x": rng.uniform(2, 8, k), "y": rng.uniform(2, 10, k),
+              "flux": rng.uniform(50, 500, k),
               "background": rng.uniform(1, 3, generic.n_background)}  # fmt: skip
     held = {n: jnp.asarray(rng.uniform(1.2, 2.5, k)) for n in shapes}
     mask = np.zeros(shape)
