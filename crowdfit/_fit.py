@@ -229,7 +229,7 @@ def _staged(run, piece, max_iter, size):
         more = run(sub, cut - done, out["u"][going], at_most=size)
         more["iterations"] = more["iterations"] + out["iterations"][going]
         out = jax.tree_util.tree_map(functools.partial(_put, index=going), out, more)
-    return jax.tree_util.tree_map(jnp.asarray, out)
+    return out
 
 
 def _put(a, b, index):
@@ -261,17 +261,17 @@ def _is_separable(psf, names, fixed, noise_model, mask, weights) -> bool:
     return bool(np.all((lo == hi) | (lo == np.inf)))
 
 
-def _source_mask(a, default, b, k, name):
+def _source_mask(a, default, b, k, name, xp):
     if a is None:
-        return jnp.full((b, k), default, bool)
-    a = jnp.asarray(a)
+        return xp.full((b, k), default, bool)
+    a = xp.asarray(a)
     if a.shape != (b, k):
         raise ValueError(f"{name} must have shape (B, K) = {(b, k)}, got {a.shape}")
     return a.astype(bool)
 
 
-def _as_float(a, dtype, name):
-    a = jnp.asarray(a)
+def _as_float(a, dtype, name, xp):
+    a = xp.asarray(a)
     if not (jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)):
         raise ValueError(f"{name} must hold numbers, got dtype {a.dtype}")
     return a.astype(dtype)
@@ -366,11 +366,19 @@ def fit_regions(
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
 
-    images = jnp.asarray(images)
+    # Concrete inputs are prepared on the host (numpy): jax would compile small programs for
+    # every new batch size. Traced ones (under jit, grad or vmap) stay jax arrays.
+    host = all(
+        _is_concrete(a)
+        for a in jax.tree_util.tree_leaves((images, init, mask, valid, held, weights, known, offset))
+    )
+    xp = np if host else jnp
+    images = xp.asarray(images)
     if images.ndim != 3:
         raise ValueError(f"images must have shape (B, H, W), got shape {images.shape}")
-    dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else jnp.asarray(0.0).dtype
-    images = _as_float(images, dtype, "images")
+    floating = jnp.issubdtype(images.dtype, jnp.floating)
+    dtype = jax.dtypes.canonicalize_dtype(images.dtype if floating else np.float64)
+    images = _as_float(images, dtype, "images", xp)
     b, h, w = images.shape
     if b == 0:
         raise ValueError("images is empty: B = 0 regions")
@@ -395,18 +403,18 @@ def fit_regions(
         k = max(np.shape(init[n])[-1] if np.ndim(init[n]) == 2 else 1 for n in names)
     params = {}
     for n in names:
-        a = _as_float(init[n], dtype, f"init[{n!r}]")
+        a = _as_float(init[n], dtype, f"init[{n!r}]", xp)
         try:
-            params[n] = jnp.broadcast_to(a, (b, k))
+            params[n] = xp.broadcast_to(a, (b, k))
         except ValueError:
             raise ValueError(
                 f"init[{n!r}] has shape {a.shape}, which does not broadcast to (B, K) = {(b, k)}"
             ) from None
-    bg = _as_float(init["background"], dtype, "init['background']")
+    bg = _as_float(init["background"], dtype, "init['background']", xp)
     if nb == 1 and bg.ndim == 1:
         bg = bg[:, None]
     try:
-        bg = jnp.broadcast_to(bg, (b, nb))
+        bg = xp.broadcast_to(bg, (b, nb))
     except ValueError:
         want = "(B,)" if nb == 1 else "(B, 3)"
         raise ValueError(
@@ -414,8 +422,8 @@ def fit_regions(
         ) from None
     params["background"] = bg
 
-    valid = _source_mask(valid, True, b, k, "valid")
-    held = _source_mask(held, False, b, k, "held")
+    valid = _source_mask(valid, True, b, k, "valid", xp)
+    held = _source_mask(held, False, b, k, "held", xp)
 
     if mask is None:
         if _is_concrete(images):
@@ -425,9 +433,9 @@ def fit_regions(
                     f"images hold {bad} non-finite pixel(s) (NaN or inf); pass a mask that "
                     "excludes them (fit_image masks them for you)"
                 )
-        mask = jnp.ones(images.shape, bool)
+        mask = xp.ones(images.shape, bool)
     else:
-        mask = jnp.asarray(mask)
+        mask = xp.asarray(mask)
         if mask.shape != images.shape:
             raise ValueError(f"mask must have the images' shape {images.shape}, got {mask.shape}")
         mask = mask.astype(bool)
@@ -435,20 +443,20 @@ def fit_regions(
             bad = int(np.count_nonzero(np.asarray(mask) & ~np.isfinite(np.asarray(images))))
             if bad:
                 raise ValueError(f"{bad} non-finite pixel(s) are not masked out")
-    images = jnp.where(mask, images - jnp.asarray(offset, dtype), 0.0)
+    images = xp.where(mask, images - xp.asarray(offset, dtype), 0.0).astype(dtype)
 
     known_scale = noise_model.known_scale or weights is not None
     if weights is None:
-        weights = jnp.ones(images.shape, dtype)
+        weights = xp.ones(images.shape, dtype)
     else:
-        weights = _as_float(weights, dtype, "weights")
+        weights = _as_float(weights, dtype, "weights", xp)
         try:
-            weights = jnp.broadcast_to(weights, images.shape)
+            weights = xp.broadcast_to(weights, images.shape)
         except ValueError:
             raise ValueError(
                 f"weights has shape {weights.shape}, expected the images' {images.shape}"
             ) from None
-        weights = jnp.where(mask, weights, 0.0)
+        weights = xp.where(mask, weights, 0.0).astype(dtype)
 
     separable = _is_separable(psf, names, fixed, noise_model, mask, weights)
     problem = RegionProblem(
@@ -463,20 +471,16 @@ def fit_regions(
 
     mask_f = mask.astype(dtype)
     if known is None:
-        known = jnp.zeros(images.shape, dtype)
+        known = xp.zeros(images.shape, dtype)
     else:
-        known = _as_float(known, dtype, "known")
+        known = _as_float(known, dtype, "known", xp)
         if known.shape != images.shape:
             raise ValueError(f"known must have the images' shape {images.shape}, got {known.shape}")
-        known = jnp.where(mask, known, 0.0)
+        known = xp.where(mask, known, 0.0).astype(dtype)
     inputs = (images, mask_f, weights, known, valid, held, params)
     # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
     # (under jit, grad or vmap) and the other solvers run in one go.
-    staged = (
-        solver == "lm"
-        and adjoint == "implicit"
-        and all(_is_concrete(a) for a in jax.tree_util.tree_leaves(inputs))
-    )
+    staged = host and solver == "lm" and adjoint == "implicit"
     run = functools.partial(_run, fn, n_params=problem.size, chunk=chunk, max_batch=max_batch)
     pieces = []
     starts = range(0, b, max_batch)
@@ -490,13 +494,15 @@ def fit_regions(
     out = (
         pieces[0]
         if len(pieces) == 1
-        else jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *pieces)
+        else jax.tree_util.tree_map(lambda *a: xp.concatenate(a), *pieces)
     )
     out.pop("u")
-    params_out = out["params"]
     if nb == 1:
-        params_out["background"] = params_out["background"][:, 0]
+        out["params"]["background"] = out["params"]["background"][:, 0]
         out["errors"]["background"] = out["errors"]["background"][:, 0]
+    if host:  # device arrays, as from a traced call (the values are already jax's dtypes)
+        out = jax.device_put(out)
+    params_out = out["params"]
     return FitResult(
         params=params_out,
         errors=out["errors"],

@@ -661,7 +661,9 @@ def _render_batched(
         if m < chunk:
             # Pad by repeating the first source: zeros could make a user's PSF divide by zero.
             part = {k: np.concatenate([v, np.repeat(v[:1], chunk - m)]) for k, v in part.items()}
-        outs.append(np.asarray(batched({k: jnp.asarray(v) for k, v in part.items()}))[:m])
+        # Cast on the host: jax would compile a conversion for each new shape.
+        part = {k: v.astype(jax.dtypes.canonicalize_dtype(v.dtype)) for k, v in part.items()}
+        outs.append(np.asarray(batched(part))[:m])
     return np.concatenate(outs, axis=0)
 
 
