@@ -172,18 +172,16 @@ def _errors(problem, sd, valid):
 
 # Cumulative iteration budgets after which a staged fit sets its finished regions aside.
 _STAGES = (8, 20)
-_COMPILED: set = set()  # (id(program), batch size, dtype) run so far
 
 
-def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch, at_most=None):
-    """Fit one piece with the program `fn` (padded to its bucket), `budget` iterations at most.
+def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
+    """Fit one piece with the program `fn`, `budget` iterations at most.
 
     `start` `(n, P)`: internal parameters to continue from instead of the piece's `init`.
-    `at_most`: a batch size already compiled; the piece is padded to the smallest bucket that
-    is compiled already, or else to `at_most` (a later stage never compiles a new program).
+    A host (numpy) piece is fitted `chunk` regions per call (the last call padded), so a
+    problem compiles one program whatever the number of regions; a traced piece is padded to
+    its bucket (`_bucket`) and fitted in one call.
     """
-    # Host (numpy) pieces are padded and cut on the host: jax would compile a small program
-    # for every new batch size a stage brings.
     host = isinstance(piece[0], np.ndarray)
     xp = np if host else jnp
     n = piece[0].shape[0]
@@ -191,30 +189,29 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch, at_most=N
     resume = xp.full(n, start is not None)
     start = xp.zeros((n, n_params), dtype) if start is None else xp.asarray(start, dtype)
     args = (*piece, start, resume)
-    size = _bucket(n, chunk, max_batch)
-    if at_most is not None:
-        while size < at_most and (id(fn), size, dtype) not in _COMPILED:
-            size = min(size * 4, at_most)
-    _COMPILED.add((id(fn), size, dtype))
+    size = -(-n // chunk) * chunk if host else _bucket(n, chunk, max_batch)
     if size > n:
         # Padding regions: no pixels, no sources; they converge at once and are dropped.
         args = jax.tree_util.tree_map(functools.partial(_pad, size=size, xp=xp), args)
-    out = fn(*args, np.int32(budget))
-    if host:
-        out = jax.device_get(out)
-    return jax.tree_util.tree_map(lambda a: a[:n], out)
+    budget = np.int32(budget)
+    if not host:
+        return jax.tree_util.tree_map(lambda a: a[:n], fn(*args, budget))
+    # Every call is dispatched before any result is fetched: the device never waits on us.
+    outs = [
+        fn(*jax.tree_util.tree_map(lambda a, s=s: a[s : s + chunk], args), budget)
+        for s in range(0, size, chunk)
+    ]
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n], *jax.device_get(outs))
 
 
-def _staged(run, piece, max_iter, size):
+def _staged(run, piece, max_iter):
     """Fit one piece in stages of growing iteration budget, compacting unfinished regions.
 
     Regions in a vmapped chunk all step until the slowest is done, and a few slow regions (a
     flat valley, a source sliding onto its neighbour) would make every chunk run `max_iter`
     steps. So the whole piece gets `_STAGES[0]` iterations; the regions still running are
-    gathered into a smaller batch and continued from where they stopped (the damping restarts),
-    and so on up to `max_iter`. A region that converges early is unaffected. The smaller batch
-    is padded to a batch size compiled before (padding chunks finish in one step), at most
-    `size`, the first stage's, so staging adds no compile time.
+    gathered into fewer chunks and continued from where they stopped (the damping restarts),
+    and so on up to `max_iter`. A region that converges early is unaffected.
     """
     cuts = [c for c in _STAGES if c < max_iter] + [max_iter]
     piece = jax.device_get(piece)
@@ -226,7 +223,7 @@ def _staged(run, piece, max_iter, size):
         if going.size == 0:
             break
         sub = jax.tree_util.tree_map(lambda a, i=going: a[i], piece)
-        more = run(sub, cut - done, out["u"][going], at_most=size)
+        more = run(sub, cut - done, out["u"][going])
         more["iterations"] = more["iterations"] + out["iterations"][going]
         out = jax.tree_util.tree_map(functools.partial(_put, index=going), out, more)
     return out
@@ -339,9 +336,10 @@ def fit_regions(
       every fit converges within them, at many times the time, memory and compile time.
     - `chunk_size`: regions vmapped together (default on CPU 64, fewer for big regions; 4096 on
       GPU).
-    - `max_batch`: largest batch compiled at once (default 1024 on CPU, 16384 on GPU); bigger
-      inputs are fitted piece by piece. Batches are padded to `chunk_size` times a power of 4,
-      so repeated calls of any size reuse a few compiled programs.
+    - `max_batch`: largest piece fitted at once (default 1024 on CPU, 16384 on GPU); bigger
+      inputs are fitted piece by piece. Concrete inputs go through `chunk_size` regions per
+      call, so every batch size shares one compiled program; traced ones (under `jit`) are
+      padded to `chunk_size` times a power of 4, so they compile one of a few.
     - `progress_bar`: show progress over pieces (default: when there are several, on a terminal).
 
     **Returns:** a `FitResult` with `params`, `errors`, `covariance`, `status`, `iterations`,
@@ -368,10 +366,8 @@ def fit_regions(
 
     # Concrete inputs are prepared on the host (numpy): jax would compile small programs for
     # every new batch size. Traced ones (under jit, grad or vmap) stay jax arrays.
-    host = all(
-        _is_concrete(a)
-        for a in jax.tree_util.tree_leaves((images, init, mask, valid, held, weights, known, offset))
-    )
+    given = (images, init, mask, valid, held, weights, known, offset)
+    host = all(_is_concrete(a) for a in jax.tree_util.tree_leaves(given))
     xp = np if host else jnp
     images = xp.asarray(images)
     if images.ndim != 3:
@@ -487,8 +483,7 @@ def fit_regions(
     for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):
         piece = jax.tree_util.tree_map(lambda a, s=s: a[s : s + max_batch], inputs)
         if staged:
-            size = _bucket(piece[0].shape[0], chunk, max_batch)  # the first stage's batch
-            pieces.append(_staged(run, piece, int(max_iter), size))
+            pieces.append(_staged(run, piece, int(max_iter)))
         else:
             pieces.append(run(piece, max_iter))
     out = (
