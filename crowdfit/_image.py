@@ -218,6 +218,25 @@ def _fit_all(
     return out, len(regions), len(redo), refitted
 
 
+def _core_median(v, k=2.0):
+    """Median of the core of `v`: the values within `k` robust standard deviations (1.4826 MAD)
+    of it, iterated to a fixed point.
+
+    Unresolved blends fit wider than the PSF and make an upper tail of fitted widths: at 0.3
+    stars/FWHM² (σ = 2) about half of them, which moved the plain median to 2.09; the core's
+    median is 2.00.
+    """
+    m = float(np.median(v))
+    for _ in range(20):
+        mad = 1.4826 * float(np.median(np.abs(v - m)))
+        core = v[np.abs(v - m) <= k * mad]
+        new = float(np.median(core)) if core.size else m
+        if new == m:
+            break
+        m = new
+    return m
+
+
 def _isolated_flux_error(cat, noise, noise_level):
     """`(N,)` the flux error each source would have alone (a lower bound in a crowd)."""
     area = 4 * math.pi * cat["sigma_x"] * cat["sigma_y"]
@@ -356,7 +375,8 @@ def fit_image(
       `"integrated_elliptical_gaussian"` or `"rotated_gaussian"` (angle 0).
     - `sigma`: the PSF width in pixels, one number or `(sigma_x, sigma_y)`, shared by all
       sources and held fixed. `None` (default) estimates it from the data: from isolated bright
-      detections, then refined by fitting every source's width once and taking the median.
+      detections, then refined by fitting every source's width once and taking the median of
+      the core of those widths (blends fit wider; see `_core_median`).
     - `background`: `"constant"` or `"plane"`, per region; a smooth global background is
       estimated first so fits start right on images with gradients.
     - `noise`: `"gaussian"` or `"poisson"` (counts; subtract a camera `offset`).
@@ -437,8 +457,8 @@ def fit_image(
         if free_shape:
             ok = (cat["status"] == 0) & (cat["snr"] > 20)
             if ok.sum() >= 3:
-                sx = float(np.median(cat["sigma_x"][ok]))
-                sy = float(np.median(cat["sigma_y"][ok]))
+                sx = _core_median(cat["sigma_x"][ok])
+                sy = _core_median(cat["sigma_y"][ok])
                 sigma = (sx, sy) if ("sigma_x" in psf.params) else math.sqrt(sx * sy)
                 shape_vals = _shape_values(psf, sigma)
                 width = max(v for k, v in shape_vals.items() if k != "angle")

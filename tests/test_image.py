@@ -179,3 +179,16 @@ def test_cli_fit(tmp_path, seed_field, capsys):
     assert crowdfit.match(truth, cat).n_matched == 50
     assert cli_main(["fit", str(tmp_path / "missing.tif")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_width_estimate_ignores_the_blends_tail():
+    # In a dense field unresolved blends fit wider than the PSF: the fitted widths are a core
+    # around the PSF's plus an upper tail (half of them at 0.3 stars/FWHM²).
+    from crowdfit._image import _core_median
+
+    rng = np.random.default_rng(5)
+    widths = np.concatenate([rng.normal(2.0, 0.04, 500), rng.uniform(2.1, 3.2, 450)])
+    assert np.median(widths) > 2.05
+    assert abs(_core_median(widths) - 2.0) < 0.015
+    clean = rng.normal(2.0, 0.04, 300)
+    assert abs(_core_median(clean) - np.median(clean)) < 0.01
