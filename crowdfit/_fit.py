@@ -239,13 +239,11 @@ def _pad(a, size, xp=jnp):
     return xp.concatenate([a, xp.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
-def _is_separable(psf, names, fixed, noise_model, mask, weights) -> bool:
+def _is_separable(psf, noise_model, mask, weights) -> bool:
     """Whether a fit can use the separable Gauss–Newton matrix (see `RegionProblem`): checked
     on the host, so only for concrete masks and weights."""
     if psf.profile is None or noise_model is not get_noise("gaussian"):
         return False
-    if not set(names) - set(fixed) <= {"x", "y", "flux"}:
-        return False  # a free width: its Jacobian column is not one outer product
     if not (_is_concrete(mask) and _is_concrete(weights)):
         return False
     m = np.asarray(mask, bool)
@@ -454,7 +452,7 @@ def fit_regions(
             ) from None
         weights = xp.where(mask, weights, 0.0).astype(dtype)
 
-    separable = _is_separable(psf, names, fixed, noise_model, mask, weights)
+    separable = _is_separable(psf, noise_model, mask, weights)
     problem = RegionProblem(
         psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w), separable
     )

@@ -38,12 +38,13 @@ class RegionProblem:
     `"background"` `(nb,)` when it is fixed).
 
     `separable`: the PSF has a `profile` (so each source is `flux` times an outer product of
-    two 1-D profiles), its widths are fixed, the noise is Gaussian, and every region's pixel
+    two 1-D profiles), the noise is Gaussian, and every region's pixel
     weights are one value on a rectangle of rows × columns and zero elsewhere (a window cut by
     the image edge, not one with masked pixels inside); `data` then also holds `rows` `(H,)`,
     `cols` `(W,)` (1 on the rectangle) and `scale` (the weight). Each column of the Jacobian is
-    then an outer product `a ⊗ b`, and the Gauss–Newton matrix is the elementwise product of
-    two small Gram matrices: `O(P² (H + W))` instead of `O(P² H W)` (`_separable_equations`).
+    then an outer product `a ⊗ b` (a sum of two for a free shared width), and the Gauss–Newton
+    matrix is the elementwise product of two small Gram matrices: `O(P² (H + W))` instead of
+    `O(P² H W)` (`_separable_equations`).
     """
 
     psf: PSF
@@ -212,8 +213,10 @@ class RegionProblem:
         return loss, g, h
 
     def _factors(self, u, data):
-        """Jacobian columns as outer products: `(A, B, s)` with `A` `(P, H)`, `B` `(P, W)` and
-        `s` `(P,)`, so that column `i` is `s[i] * A[i] ⊗ B[i]`; also the model `(H, W)`."""
+        """Jacobian columns as sums of outer products: `(A, B, s)` with `A` `(P, R, H)`, `B`
+        `(P, R, W)` and `s` `(P,)`, so that column `i` is `s[i] * Σ_r A[i, r] ⊗ B[i, r]`
+        (`R = 2` when a shared width `sigma` is free, which moves both profiles; else 1); also
+        the model `(H, W)`."""
         src, bg = self._split(u)
         x, y = self.grid(u.dtype)
         x, y = x[0], y[:, 0]
@@ -227,17 +230,32 @@ class RegionProblem:
         valid = data["valid"].astype(u.dtype)
         prof = self.psf.profile
 
-        def factor(d, s):  # (n, K) offsets -> the profile and its derivative in the centre
-            v, dv = jax.jvp(lambda d: prof(d, s), (d,), (jnp.ones_like(d),))
-            return v.T, -dv.T  # (K, n)
+        def factor(d, s):  # (n, K) offsets -> the profile, its derivatives in centre and width
+            one = jnp.ones_like(d)
+            v, dv = jax.jvp(lambda d: prof(d, s), (d,), (one,))
+            _, ds = jax.jvp(lambda s: prof(d, s), (s,), (jnp.ones_like(s),))
+            return v.T, -dv.T, ds.T  # (K, n) each
 
-        fx, dfx = factor(x[:, None] - p["x"][None, :], sx[None, :])
-        fy, dfy = factor(y[:, None] - p["y"][None, :], sy[None, :])
+        fx, dfx, sfx = factor(x[:, None] - p["x"][None, :], sx[None, :])
+        fy, dfy, sfy = factor(y[:, None] - p["y"][None, :], sy[None, :])
         flux = p["flux"]
-        rows = {"x": (fy, dfx, flux), "y": (dfy, fx, flux), "flux": (fy, fx, 1.0)}
-        a = jnp.stack([rows[n][0] for n in self.free_names], 1).reshape(-1, y.size)
-        b = jnp.stack([rows[n][1] for n in self.free_names], 1).reshape(-1, x.size)
-        s = jnp.stack([rows[n][2] * dnat[n] * valid for n in self.free_names], 1).reshape(-1)
+        terms = {
+            "x": [(fy, dfx)], "y": [(dfy, fx)], "flux": [(fy, fx)],
+            "sigma_x": [(fy, sfx)], "sigma_y": [(sfy, fx)], "sigma": [(sfy, fx), (fy, sfx)],
+        }  # fmt: skip
+        rank = max(len(terms[n]) for n in self.free_names) if self.free_names else 1
+
+        def stacked(side, zero):  # (P_src, R, n)
+            cols = []
+            for n in self.free_names:
+                t = [pair[side] for pair in terms[n]]
+                t += [jnp.zeros_like(zero)] * (rank - len(t))
+                cols.append(jnp.stack(t, 1))  # (K, R, n)
+            return jnp.stack(cols, 1).reshape(-1, rank, zero.shape[-1])
+
+        a, b = stacked(0, fy), stacked(1, fx)
+        scale = {n: (1.0 if n == "flux" else flux) * dnat[n] * valid for n in self.free_names}
+        s = jnp.stack([scale[n] for n in self.free_names], 1).reshape(-1)
         one_y, one_x = jnp.ones_like(y), jnp.ones_like(x)
         if self.background_free:
             b_nat, d_bg = jax.jvp(self._bg_natural, (bg,), (jnp.ones_like(bg),))
@@ -245,7 +263,11 @@ class RegionProblem:
                 a_bg, b_bg = one_y[None], one_x[None]
             else:
                 a_bg, b_bg = jnp.stack([one_y, one_y, y]), jnp.stack([one_x, x, one_x])
-            a, b, s = (jnp.concatenate(z) for z in ((a, a_bg), (b, b_bg), (s, d_bg)))
+            pad = lambda t: jnp.concatenate(
+                [t[:, None], jnp.zeros((t.shape[0], rank - 1, t.shape[1]), t.dtype)], 1
+            )
+            a, b = jnp.concatenate([a, pad(a_bg)]), jnp.concatenate([b, pad(b_bg)])
+            s = jnp.concatenate([s, d_bg])
         else:
             b_nat = data["fixed"]["background"]
         mu = (fy.T * (flux * valid)[None, :]) @ fx + render_background(
@@ -259,10 +281,10 @@ class RegionProblem:
         d, w, m = data["image"], data["weight"], data["mask"]
         e = m * w * (mu - d)
         loss = 0.5 * _pixel_sum(e * (mu - d))
-        g = s * jnp.sum(a * (b @ e.T), axis=1)
-        gram_a = (a * data["rows"][None, :]) @ a.T
-        gram_b = (b * data["cols"][None, :]) @ b.T
-        h = data["scale"] * (s[:, None] * s[None, :]) * gram_a * gram_b
+        g = s * jnp.einsum("prh,prh->p", a, b @ e.T)
+        gram_a = jnp.einsum("prh,qth->prqt", a * data["rows"][None, None, :], a)
+        gram_b = jnp.einsum("prw,qtw->prqt", b * data["cols"][None, None, :], b)
+        h = data["scale"] * (s[:, None] * s[None, :]) * jnp.einsum("prqt,prqt->pq", gram_a, gram_b)
         return loss, g, h
 
     def pearson(self, u, data):

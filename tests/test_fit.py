@@ -254,8 +254,11 @@ def test_padded_source_changes_nothing():
     valid = np.ones((img.shape[0], 3), bool)
     valid[:, 2] = False
     res = crowdfit.fit_regions(img, padded_init, valid=valid, fixed=("sigma",))
+    # float32: the two batches' sums run in different orders, so the fits stop at points that
+    # differ by ~1e-5 (1e-3 of an error bar); a padded source of flux 7 that leaked into the
+    # model would move the fluxes by ~2e-3.
     for n in ("x", "y", "flux"):
-        np.testing.assert_allclose(res.params[n][:, :2], base.params[n], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res.params[n][:, :2], base.params[n], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(res.errors[n][:, :2], base.errors[n], rtol=1e-4)
         assert np.all(np.asarray(res.errors[n][:, 2]) == 0)
     np.testing.assert_allclose(res.params["background"], base.params["background"], rtol=1e-5)
@@ -445,11 +448,12 @@ def test_staged_fit_matches_one_stage():
         assert np.quantile(np.abs(a - b)[fin] / err[fin], 0.95) < 0.05, name
 
 
+@pytest.mark.parametrize("widths", ["fixed", "free"])
 @pytest.mark.parametrize("background", ["constant", "plane"])
 @pytest.mark.parametrize("psf", ["gaussian", "integrated_elliptical_gaussian"])
-def test_separable_normal_equations_match_generic(x64, psf, background):
-    # With fixed widths, Gaussian noise and a rectangular mask, each Jacobian column is an
-    # outer product and the Gauss–Newton matrix a product of two small Gram matrices
+def test_separable_normal_equations_match_generic(x64, psf, background, widths):
+    # With Gaussian noise and a rectangular mask, each Jacobian column is an outer product (two
+    # for a free shared width) and the Gauss–Newton matrix a product of two small Gram matrices
     # (`RegionProblem._separable_equations`). It must equal the generic assembly.
     from crowdfit._problem import RegionProblem
 
@@ -457,7 +461,7 @@ def test_separable_normal_equations_match_generic(x64, psf, background):
     k, shape = 3, (12, 10)
     rng = np.random.default_rng(3)
     shapes = [n for n in p_.params if n.startswith("sigma")]
-    fixed = frozenset(shapes)
+    fixed = frozenset(shapes if widths == "fixed" else ())
     noise = crowdfit.get_noise("gaussian")
     generic, fast = (
         RegionProblem(p_, p_.params, fixed, background, noise, k, shape, sep)
@@ -466,7 +470,9 @@ def test_separable_normal_equations_match_generic(x64, psf, background):
     params = {"x": rng.uniform(2, 8, k), "y": rng.uniform(2, 10, k),
               "flux": rng.uniform(50, 500, k),
               "background": rng.uniform(1, 3, generic.n_background)}  # fmt: skip
-    held = {n: jnp.asarray(rng.uniform(1.2, 2.5, k)) for n in shapes}
+    for n in shapes:
+        params[n] = rng.uniform(1.2, 2.5, k)
+    held = {n: jnp.asarray(params[n]) for n in fixed}
     mask = np.zeros(shape)
     mask[1:9, 2:] = 1.0
     data = dict(
@@ -485,17 +491,12 @@ def test_separable_only_where_exact():
     mask = np.ones((2, 8, 8), bool)
     mask[0, :, 6:] = False  # a window cut by the image edge: still a rectangle
     weights = np.ones((2, 8, 8))
-    names = gauss.params
-    assert _fit._is_separable(gauss, names, ("sigma",), noise, mask, weights)
-    assert not _fit._is_separable(gauss, names, (), noise, mask, weights)  # free width
-    poisson = crowdfit.get_noise("poisson")
-    assert not _fit._is_separable(gauss, names, ("sigma",), poisson, mask, weights)
-    rotated = crowdfit.get_psf("rotated_gaussian")
-    assert not _fit._is_separable(rotated, rotated.params, ("sigma_x", "sigma_y", "angle"), noise,
-                                  mask, weights)  # fmt: skip
+    assert _fit._is_separable(gauss, noise, mask, weights)
+    assert not _fit._is_separable(gauss, crowdfit.get_noise("poisson"), mask, weights)
+    assert not _fit._is_separable(crowdfit.get_psf("rotated_gaussian"), noise, mask, weights)
     holed = mask.copy()
     holed[1, 3, 3] = False  # a masked pixel inside the window
-    assert not _fit._is_separable(gauss, names, ("sigma",), noise, holed, weights)
+    assert not _fit._is_separable(gauss, noise, holed, weights)
     uneven = weights.copy()
     uneven[1, 0, 0] = 2.0
-    assert not _fit._is_separable(gauss, names, ("sigma",), noise, mask, uneven)
+    assert not _fit._is_separable(gauss, noise, mask, uneven)
