@@ -124,13 +124,32 @@ def _box_levels(values: np.ndarray, spread: np.ndarray, n_iter: int = 30) -> np.
     into the window only through the pixels up to `1 s` above the level, so a crowd biases this
     far less than a clipped median (tested on simulated crowds: about a third of the bias).
     """
-    level = _row_median(values)
+    # Each row is sorted once; a window's count and sum are then two binary searches and two
+    # lookups in the running sums, instead of a pass over every pixel per iteration.
+    ordered = np.sort(values, axis=1)  # NaNs sort last
+    n_rows, n_cols = ordered.shape
+    n = np.sum(~np.isnan(ordered), axis=1)
+    sums = np.zeros((n_rows, n_cols + 1))
+    sums[:, 1:] = np.cumsum(np.nan_to_num(ordered), axis=1)
+    rows = np.arange(n_rows)
+    lo_i, hi_i = np.maximum((n - 1) // 2, 0), np.maximum(n // 2, 0)
+    level = np.where(n > 0, 0.5 * (ordered[rows, lo_i] + ordered[rows, hi_i]), np.nan)
+
+    def first(q, inclusive):  # per row, the number of valid values < q (<= q if inclusive)
+        lo, hi = np.zeros(n_rows, np.intp), n.copy()
+        while np.any(lo < hi):
+            mid = (lo + hi) // 2
+            v = ordered[rows, np.minimum(mid, n_cols - 1)]
+            below = (v <= q) if inclusive else (v < q)
+            go = (lo < hi) & below
+            lo, hi = np.where(go, mid + 1, lo), np.where(go | (lo >= hi), hi, mid)
+        return lo
+
     for _ in range(n_iter):
-        keep = (values >= level[:, None] - _CLIP_LOW * spread[:, None]) & (
-            values <= level[:, None] + _CLIP_HIGH * spread[:, None]
-        )
-        count = np.sum(keep, axis=1)
-        total = np.sum(np.where(keep, values, 0.0), axis=1)
+        a = first(level - _CLIP_LOW * spread, False)
+        b = first(level + _CLIP_HIGH * spread, True)
+        count = b - a
+        total = sums[rows, b] - sums[rows, a]
         with np.errstate(invalid="ignore", divide="ignore"):
             new = total / count - _CLIP_SHIFT * spread
         new = np.where(count > 0, new, level)
