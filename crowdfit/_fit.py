@@ -39,10 +39,15 @@ def _default_sizes(work: int) -> tuple[int, int]:
 
     On CPU a vmapped while_loop runs every region as long as the slowest one, so regions are
     vmapped in small chunks mapped one after another (smaller for bigger regions, which also
-    bounds the padding of a small batch); a GPU wants big batches at once.
+    bounds the padding of a small batch); single spots in small windows (`work <= 256`) cost
+    so little per region that the per-call overhead dominates, and go 1024 at a time, in pieces
+    of 16384 (staging gathers a piece's slow regions into full chunks). A GPU wants big
+    batches at once.
     """
     if jax.default_backend() != "cpu":
         return 4096, 16384
+    if work <= 256:
+        return 1024, 16384
     chunk = 64
     while chunk > 8 and chunk * work > 64 * 4096:
         chunk //= 2
@@ -332,9 +337,10 @@ def fit_regions(
       (their gradient is zero), and a region that did not converge gets a zero gradient, never
       NaN. `"unroll"`: differentiate through exactly `max_iter` solver steps; it agrees where
       every fit converges within them, at many times the time, memory and compile time.
-    - `chunk_size`: regions vmapped together (default on CPU 64, fewer for big regions; 4096 on
-      GPU).
-    - `max_batch`: largest piece fitted at once (default 1024 on CPU, 16384 on GPU); bigger
+    - `chunk_size`: regions vmapped together (default on CPU 64, fewer for big regions and 1024
+      for single sources in windows of up to 16×16; 4096 on GPU).
+    - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
+      in windows of up to 16×16; 16384 on GPU); bigger
       inputs are fitted piece by piece. Concrete inputs go through `chunk_size` regions per
       call, so every batch size shares one compiled program; traced ones (under `jit`) are
       padded to `chunk_size` times a power of 4, so they compile one of a few.
