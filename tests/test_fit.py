@@ -448,13 +448,18 @@ def test_staged_fit_matches_one_stage():
         assert np.quantile(np.abs(a - b)[fin] / err[fin], 0.95) < 0.05, name
 
 
-@pytest.mark.parametrize("widths", ["fixed", "free"])
+@pytest.mark.parametrize(
+    "noise,widths", [("gaussian", "fixed"), ("gaussian", "free"), ("poisson", "fixed")]
+)
 @pytest.mark.parametrize("background", ["constant", "plane"])
 @pytest.mark.parametrize("psf", ["gaussian", "integrated_elliptical_gaussian"])
-def test_separable_normal_equations_match_generic(x64, psf, background, widths):
-    # With Gaussian noise and a rectangular mask, each Jacobian column is an outer product (two
-    # for a free shared width) and the Gauss–Newton matrix a product of two small Gram matrices
-    # (`RegionProblem._separable_equations`). It must equal the generic assembly.
+def test_profile_normal_equations_match_autodiff(x64, psf, background, widths, noise):
+    # A PSF with a 1-D `profile` has Jacobian columns that are outer products (two for a free
+    # shared width), spelled out without automatic differentiation; with Gaussian noise and a
+    # rectangular mask the Gauss–Newton matrix is a product of two small Gram matrices
+    # (`RegionProblem._profile_equations`). Both must equal the autodiff assembly.
+    import dataclasses
+
     from crowdfit._problem import RegionProblem
 
     p_ = crowdfit.get_psf(psf)
@@ -462,27 +467,30 @@ def test_separable_normal_equations_match_generic(x64, psf, background, widths):
     rng = np.random.default_rng(3)
     shapes = [n for n in p_.params if n.startswith("sigma")]
     fixed = frozenset(shapes if widths == "fixed" else ())
-    noise = crowdfit.get_noise("gaussian")
-    generic, fast = (
-        RegionProblem(p_, p_.params, fixed, background, noise, k, shape, sep)
-        for sep in (False, True)
+    nm = crowdfit.get_noise(noise)
+    reference = RegionProblem(
+        dataclasses.replace(p_, profile=None), p_.params, fixed, background, nm, k, shape
     )
+    fast = RegionProblem(p_, p_.params, fixed, background, nm, k, shape, noise == "gaussian")
     params = {"x": rng.uniform(2, 8, k), "y": rng.uniform(2, 10, k),
               "flux": rng.uniform(50, 500, k),
-              "background": rng.uniform(1, 3, generic.n_background)}  # fmt: skip
+              "background": rng.uniform(1, 3, reference.n_background)}  # fmt: skip
     for n in shapes:
         params[n] = rng.uniform(1.2, 2.5, k)
     held = {n: jnp.asarray(params[n]) for n in fixed}
     mask = np.zeros(shape)
     mask[1:9, 2:] = 1.0
+    if noise == "poisson":
+        mask[4, 5] = 0.0  # a masked pixel inside: not separable, the full assembly runs
     data = dict(
-        image=jnp.asarray(rng.normal(5, 2, shape)), mask=jnp.asarray(mask),
+        image=jnp.asarray(rng.poisson(5.0, shape).astype(float)), mask=jnp.asarray(mask),
         weight=jnp.full(shape, 0.3), known=jnp.asarray(rng.uniform(0, 1, shape)),
         valid=jnp.array([True, True, False]), held=jnp.zeros(k, bool), fixed=held,
         rows=jnp.asarray(mask.max(1)), cols=jnp.asarray(mask.max(0)), scale=0.3,
     )  # fmt: skip
-    u = generic.pack({n: jnp.asarray(v) for n, v in params.items()})
-    for a, b in zip(generic.normal_equations(u, data), fast.normal_equations(u, data), strict=True):
+    u = reference.pack({n: jnp.asarray(v) for n, v in params.items()})
+    want, got = reference.normal_equations(u, data), fast.normal_equations(u, data)
+    for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12 * float(jnp.max(jnp.abs(a))))
 
 
