@@ -43,14 +43,14 @@ class RegionProblem:
     `valid` and `held` `(K,)`, and `fixed`: a dict of the fixed parameters (`(K,)` each, and
     `"background"` `(nb,)` when it is fixed).
 
-    `separable`: the PSF has a `profile` (so each source is `flux` times an outer product of
-    two 1-D profiles), the noise is Gaussian, and every region's pixel
-    weights are one value on a rectangle of rows × columns and zero elsewhere (a window cut by
-    the image edge, not one with masked pixels inside); `data` then also holds `rows` `(H,)`,
-    `cols` `(W,)` (1 on the rectangle) and `scale` (the weight). Each column of the Jacobian is
-    then an outer product `a ⊗ b` (a sum of two for a free shared width), and the Gauss–Newton
-    matrix is the elementwise product of two small Gram matrices: `O(P² (H + W))` instead of
-    `O(P² H W)` (`_profile_equations`).
+    A PSF with a `profile` (the Gaussians: each source is `flux` times an outer product of two
+    1-D profiles) has Jacobian columns that are outer products `a ⊗ b` (a sum of two for a
+    free shared width), spelled out without automatic differentiation (`_profile_equations`).
+    `separable`: besides, the noise is Gaussian and every region's pixel weights are one value
+    on a rectangle of rows × columns and zero elsewhere (a window cut by the image edge, not
+    one with masked pixels inside); `data` then also holds `rows` `(H,)`, `cols` `(W,)` (1 on
+    the rectangle) and `scale` (the weight), and the Gauss–Newton matrix is the elementwise
+    product of two small Gram matrices: `O(P² (H + W))` instead of `O(P² H W)`.
     """
 
     psf: PSF
