@@ -1,8 +1,10 @@
 """`fit_regions`: fit many small windows of overlapping sources at once, jointly within each window.
 
-The host checks the inputs and pads the batch to a bucketed size; one compiled program per
-(problem, bucket) fits the whole batch on the device. Concrete Levenberg–Marquardt fits run in
-stages (`_staged`): the regions still running after each stage are gathered and continued.
+The host checks the inputs. Concrete ones (outside `jit`, `grad`, `vmap`) are prepared in
+numpy and fitted `chunk_size` regions per call of one compiled program per problem (`_run`),
+Levenberg–Marquardt in stages (`_staged`): the regions still running after each stage are
+gathered and continued. Traced ones are padded to a bucketed batch size and fitted in one call.
+Whether the problem's Gauss–Newton matrix is separable is decided here (`_is_separable`).
 """
 
 from __future__ import annotations
