@@ -4,7 +4,8 @@ The host checks the inputs. Concrete ones (outside `jit`, `grad`, `vmap`) are pr
 numpy and fitted `chunk_size` regions per call of one compiled program per problem (`_run`),
 Levenberg–Marquardt in stages (`_staged`): the regions still running after each stage are
 gathered and continued. Traced ones are padded to a bucketed batch size and fitted in one call.
-Whether the problem's Gauss–Newton matrix is separable is decided here (`_is_separable`).
+Which regions' Gauss–Newton matrices are separable is decided here (`_separable_regions`); those
+and the others are fitted by two programs.
 """
 
 from __future__ import annotations
@@ -236,6 +237,18 @@ def _staged(run, piece, max_iter):
     return out
 
 
+def _interleave(parts, index, n):
+    """Host outputs of region groups (`parts`, fitted at `index` of `n` regions), in order."""
+
+    def merge(*leaves):
+        out = np.empty((n, *leaves[0].shape[1:]), leaves[0].dtype)
+        for leaf, i in zip(leaves, index, strict=True):
+            out[i] = leaf
+        return out
+
+    return jax.tree_util.tree_map(merge, *parts)
+
+
 def _put(a, b, index):
     a = np.array(a)
     a[index] = b
@@ -246,21 +259,20 @@ def _pad(a, size, xp=jnp):
     return xp.concatenate([a, xp.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)])
 
 
-def _is_separable(psf, noise_model, mask, weights) -> bool:
-    """Whether a fit can use the separable Gauss–Newton matrix (see `RegionProblem`): checked
-    on the host, so only for concrete masks and weights."""
+def _separable_regions(psf, noise_model, mask, weights):
+    """`(B,)` True for the regions whose Gauss–Newton matrix is separable (see `RegionProblem`),
+    or `None` when none can be (the PSF has no profile, the noise is not Gaussian, or the mask
+    and weights are traced: this is checked on the host)."""
     if psf.profile is None or noise_model is not get_noise("gaussian"):
-        return False
+        return None
     if not (_is_concrete(mask) and _is_concrete(weights)):
-        return False
+        return None
     m = np.asarray(mask, bool)
     rect = m.any(2)[:, :, None] & m.any(1)[:, None, :]
-    if not np.array_equal(m, rect):
-        return False
     w = np.asarray(weights)
     lo = np.where(m, w, np.inf).min(axis=(1, 2))
     hi = np.where(m, w, -np.inf).max(axis=(1, 2))
-    return bool(np.all((lo == hi) | (lo == np.inf)))
+    return np.all(m == rect, axis=(1, 2)) & ((lo == hi) | (lo == np.inf))
 
 
 def _source_mask(a, default, b, k, name, xp):
@@ -460,16 +472,11 @@ def fit_regions(
             ) from None
         weights = xp.where(mask, weights, 0.0).astype(dtype)
 
-    separable = _is_separable(psf, noise_model, mask, weights)
-    problem = RegionProblem(
-        psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w), separable
-    )
     default_chunk, default_max = _default_sizes(k * h * w)
     max_batch = int(max_batch or max(default_max, chunk_size or 0))
     chunk = min(int(chunk_size or default_chunk), max_batch)
     # Unrolled fits compile their length; the others take the budget at run time.
     static_iter = int(max_iter) if adjoint == "unroll" else 0
-    fn = _program(problem, solver, static_iter, float(tol), adjoint, int(chunk), known_scale)
 
     mask_f = mask.astype(dtype)
     if known is None:
@@ -483,20 +490,36 @@ def fit_regions(
     # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
     # (under jit, grad or vmap) and the other solvers run in one go.
     staged = host and solver == "lm" and adjoint == "implicit"
-    run = functools.partial(_run, fn, n_params=problem.size, chunk=chunk, max_batch=max_batch)
-    pieces = []
-    starts = range(0, b, max_batch)
-    for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):
-        piece = jax.tree_util.tree_map(lambda a, s=s: a[s : s + max_batch], inputs)
-        if staged:
-            pieces.append(_staged(run, piece, int(max_iter)))
-        else:
-            pieces.append(run(piece, max_iter))
-    out = (
-        pieces[0]
-        if len(pieces) == 1
-        else jax.tree_util.tree_map(lambda *a: xp.concatenate(a), *pieces)
-    )
+    # Regions whose Gauss–Newton matrix is separable (most, when any) are fitted by their own
+    # program, the others (masked pixels inside a window, uneven weights) by the general one.
+    fast = _separable_regions(psf, noise_model, mask, weights)
+    if fast is None or fast.all() or not fast.any():
+        groups = [(None, fast is not None and bool(fast.all()))]
+    else:
+        groups = [(np.flatnonzero(fast), True), (np.flatnonzero(~fast), False)]
+    parts = []
+    for sel, separable in groups:
+        problem = RegionProblem(
+            psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w), separable
+        )
+        fn = _program(problem, solver, static_iter, float(tol), adjoint, int(chunk), known_scale)
+        run = functools.partial(_run, fn, n_params=problem.size, chunk=chunk, max_batch=max_batch)
+        group = inputs if sel is None else jax.tree_util.tree_map(lambda a, i=sel: a[i], inputs)
+        n_group = group[0].shape[0]
+        pieces = []
+        starts = range(0, n_group, max_batch)
+        for s in progress(starts, total=len(starts), desc="fitting regions", enabled=progress_bar):
+            piece = jax.tree_util.tree_map(lambda a, s=s: a[s : s + max_batch], group)
+            if staged:
+                pieces.append(_staged(run, piece, int(max_iter)))
+            else:
+                pieces.append(run(piece, max_iter))
+        parts.append(
+            pieces[0]
+            if len(pieces) == 1
+            else jax.tree_util.tree_map(lambda *a: xp.concatenate(a), *pieces)
+        )
+    out = parts[0] if len(parts) == 1 else _interleave(parts, [g[0] for g in groups], b)
     out.pop("u")
     if nb == 1:
         out["params"]["background"] = out["params"]["background"][:, 0]

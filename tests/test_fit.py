@@ -497,15 +497,31 @@ def test_profile_normal_equations_match_autodiff(x64, psf, background, widths, n
 
 def test_separable_only_where_exact():
     gauss, noise = crowdfit.get_psf("gaussian"), crowdfit.get_noise("gaussian")
-    mask = np.ones((2, 8, 8), bool)
+    mask = np.ones((3, 8, 8), bool)
     mask[0, :, 6:] = False  # a window cut by the image edge: still a rectangle
-    weights = np.ones((2, 8, 8))
-    assert _fit._is_separable(gauss, noise, mask, weights)
-    assert not _fit._is_separable(gauss, crowdfit.get_noise("poisson"), mask, weights)
-    assert not _fit._is_separable(crowdfit.get_psf("rotated_gaussian"), noise, mask, weights)
-    holed = mask.copy()
-    holed[1, 3, 3] = False  # a masked pixel inside the window
-    assert not _fit._is_separable(gauss, noise, holed, weights)
+    mask[2, 3, 3] = False  # a masked pixel inside the window
+    weights = np.ones((3, 8, 8))
+    assert _fit._separable_regions(gauss, noise, mask, weights).tolist() == [True, True, False]
+    assert _fit._separable_regions(gauss, crowdfit.get_noise("poisson"), mask, weights) is None
+    rotated = crowdfit.get_psf("rotated_gaussian")
+    assert _fit._separable_regions(rotated, noise, mask, weights) is None
     uneven = weights.copy()
     uneven[1, 0, 0] = 2.0
-    assert not _fit._is_separable(gauss, noise, mask, uneven)
+    assert _fit._separable_regions(gauss, noise, mask, uneven).tolist() == [True, False, False]
+
+
+def test_mixed_batch_keeps_region_order():
+    # Regions with a masked pixel inside are fitted by the general program, the others by the
+    # separable one; the results come back in the input order, as if fitted apart.
+    rng = np.random.default_rng(8)
+    img, init, _ = _small_problem(rng)
+    mask = np.ones(img.shape, bool)
+    holed = np.arange(img.shape[0]) % 3 == 1
+    mask[holed, 7, 8] = False
+    both = crowdfit.fit_regions(img, init, fixed=("sigma",), mask=mask)
+    for sel in (holed, ~holed):
+        part = {k: v[sel] for k, v in init.items()}
+        alone = crowdfit.fit_regions(img[sel], part, fixed=("sigma",), mask=mask[sel])
+        for n in ("x", "flux"):
+            np.testing.assert_array_equal(np.asarray(both.params[n])[sel], alone.params[n])
+        np.testing.assert_array_equal(np.asarray(both.status)[sel], alone.status)
