@@ -411,6 +411,8 @@ def fit_regions(
     unknown_fixed = [n for n in fixed if n not in (*names, "background")]
     if unknown_fixed:
         raise ValueError(f"fixed names unknown parameters {unknown_fixed}")
+    if set(fixed) >= {*names, "background"}:
+        raise ValueError("every parameter is fixed: there is nothing to fit")
     if "x" in init:
         k = np.shape(init["x"])[-1] if np.ndim(init["x"]) == 2 else 1
     else:

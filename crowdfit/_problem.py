@@ -253,6 +253,8 @@ class RegionProblem:
         rank = max(len(terms[n]) for n in self.free_names) if self.free_names else 1
 
         def stacked(side, zero):  # (P_src, R, n)
+            if not self.free_names:
+                return jnp.zeros((0, rank, zero.shape[-1]), zero.dtype)
             cols = []
             for n in self.free_names:
                 t = [pair[side] for pair in terms[n]]
@@ -262,7 +264,11 @@ class RegionProblem:
 
         a, b = stacked(0, fy), stacked(1, fx)
         scale = {n: (1.0 if n == "flux" else flux) * dnat[n] * valid for n in self.free_names}
-        s = jnp.stack([scale[n] for n in self.free_names], 1).reshape(-1)
+        s = (
+            jnp.stack([scale[n] for n in self.free_names], 1).reshape(-1)
+            if self.free_names
+            else jnp.zeros((0,), u.dtype)
+        )
         one_y, one_x = jnp.ones_like(y), jnp.ones_like(x)
         if self.background_free:
             b_nat, d_bg = jax.jvp(self._bg_natural, (bg,), (jnp.ones_like(bg),))

@@ -392,6 +392,21 @@ def test_bad_input_errors():
         crowdfit.fit_regions(img, init, fixed=("sgima",))
     with pytest.raises(ValueError, match="needs \\(B, 3\\)"):
         crowdfit.fit_regions(img, init, background="plane")
+    with pytest.raises(ValueError, match="nothing to fit"):
+        crowdfit.fit_regions(img, init, fixed=("x", "y", "flux", "sigma", "background"))
+
+
+def test_only_the_background_free():
+    # Every source parameter held (forced photometry of the sky): the fit is linear in the
+    # background, whose optimum is the mean of the data minus the sources' light.
+    rng = np.random.default_rng(14)
+    img, init, truth = _small_problem(rng)
+    res = crowdfit.fit_regions(img, truth | {"background": init["background"]},
+                               fixed=("x", "y", "flux", "sigma"))  # fmt: skip
+    sources = render("gaussian", {**truth, "background": np.zeros(img.shape[0])}, SHAPE)
+    want = (img - sources).mean(axis=(1, 2))
+    np.testing.assert_allclose(res.params["background"], want, rtol=1e-4)
+    assert np.all(np.asarray(res.status) == 0)
 
 
 def test_collapsed_source_does_not_make_the_region_singular():
