@@ -163,14 +163,17 @@ def _fit_all(
         windows = np.array([r.window for r in regs])
         crops, masks, origins = pad_windows(img, windows, (size, size), mask=good)
         b = len(regs)
+        # Every member as (its region's row, its slot, its source index).
+        sizes = np.array([r.members.size for r in regs])
+        flat = np.concatenate([r.members for r in regs])
+        row = np.repeat(np.arange(b), sizes)
+        slot = np.arange(flat.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         init = {n_: np.zeros((b, k)) for n_ in psf.params}
         valid = np.zeros((b, k), bool)
-        for j, r in enumerate(regs):
-            s = r.members
-            valid[j, : s.size] = True
-            init["x"][j, : s.size] = src["x"][s] - origins[j, 1]
-            init["y"][j, : s.size] = src["y"][s] - origins[j, 0]
-            init["flux"][j, : s.size] = np.maximum(src["flux"][s], 1e-3)
+        valid[row, slot] = True
+        init["x"][row, slot] = src["x"][flat] - origins[row, 1]
+        init["y"][row, slot] = src["y"][flat] - origins[row, 0]
+        init["flux"][row, slot] = np.maximum(src["flux"][flat], 1e-3)
         # Neighbours are measured by their own region; here their light is known.
         known = _neighbour_light(regs, origins, src, psf, shape_vals, size)
         for name, v in shape_vals.items():
@@ -188,27 +191,20 @@ def _fit_all(
         e = {k_: np.asarray(v) for k_, v in res.errors.items()}
         status = np.asarray(res.status)
         iterations, chi2r = np.asarray(res.iterations), np.asarray(res.chi2_reduced)
-        for j, r in enumerate(regs):
-            m = r.members.size
-            s = r.members
-            out["x"][s] = p["x"][j, :m] + origins[j, 1]
-            out["y"][s] = p["y"][j, :m] + origins[j, 0]
-            out["flux"][s] = p["flux"][j, :m]
-            out["flux_err"][s] = e["flux"][j, :m]
-            out["x_err"][s] = e["x"][j, :m]
-            out["y_err"][s] = e["y"][j, :m]
-            sx = p.get("sigma_x", p.get("sigma"))[j, :m]
-            sy = p.get("sigma_y", p.get("sigma"))[j, :m]
-            out["sigma_x"][s], out["sigma_y"][s] = sx, sy
-            bgp = p["background"][j]
-            if nb == 1:
-                out["background"][s] = bgp
-            else:
-                out["background"][s] = bgp[0] + bgp[1] * p["x"][j, :m] + bgp[2] * p["y"][j, :m]
-            out["group"][s] = r.group
-            out["status"][s] = status[j]
-            out["iterations"][s] = iterations[j]
-            out["chi2_reduced"][s] = chi2r[j]
+        px, py = p["x"][row, slot], p["y"][row, slot]
+        out["x"][flat] = px + origins[row, 1]
+        out["y"][flat] = py + origins[row, 0]
+        out["flux"][flat] = p["flux"][row, slot]
+        for name in ("flux", "x", "y"):
+            out[f"{name}_err"][flat] = e[name][row, slot]
+        out["sigma_x"][flat] = p.get("sigma_x", p.get("sigma"))[row, slot]
+        out["sigma_y"][flat] = p.get("sigma_y", p.get("sigma"))[row, slot]
+        bgp = p["background"][row]
+        out["background"][flat] = bgp if nb == 1 else bgp[:, 0] + bgp[:, 1] * px + bgp[:, 2] * py
+        out["group"][flat] = np.array([r.group for r in regs])[row]
+        out["status"][flat] = status[row]
+        out["iterations"][flat] = iterations[row]
+        out["chi2_reduced"][flat] = chi2r[row]
     out["amplitude"] = np.asarray(
         amplitude({"flux": out["flux"], "sigma_x": out["sigma_x"], "sigma_y": out["sigma_y"]},
                   psf)
