@@ -1,9 +1,10 @@
 """`fit_regions`: fit many small windows of overlapping sources at once, jointly within each window.
 
-The host checks the inputs. Concrete ones (outside `jit`, `grad`, `vmap`) are prepared in
-numpy and fitted `chunk_size` regions per call of one compiled program per problem (`_run`),
+The host checks the inputs. On CPU, concrete ones (outside `jit`, `grad`, `vmap`) are prepared
+in numpy and fitted `chunk_size` regions per call of one compiled program per problem (`_run`),
 Levenberg–Marquardt in stages (`_staged`): the regions still running after each stage are
-gathered and continued. Traced ones are padded to a bucketed batch size and fitted in one call.
+gathered and continued. Traced ones, and all inputs on a GPU, are padded to a bucketed batch
+size and fitted in one call per piece.
 Which regions' Gauss–Newton matrices are separable is decided here (`_separable_regions`); those
 and the others are fitted by two programs.
 """
@@ -55,6 +56,11 @@ def _default_sizes(work: int) -> tuple[int, int]:
     while chunk > 8 and chunk * work > 64 * 4096:
         chunk //= 2
     return chunk, 1024
+
+
+def _host_prepared() -> bool:
+    """Whether concrete inputs are prepared and fitted from the host (on CPU; see `fit_regions`)."""
+    return jax.default_backend() == "cpu"
 
 
 def _bucket(n: int, chunk: int, max_batch: int) -> int:
@@ -238,9 +244,14 @@ def _staged(run, piece, max_iter):
 
 
 def _interleave(parts, index, n):
-    """Host outputs of region groups (`parts`, fitted at `index` of `n` regions), in order."""
+    """Outputs of region groups (`parts`, fitted at `index` of `n` regions), in order."""
 
     def merge(*leaves):
+        if not isinstance(leaves[0], np.ndarray):
+            out = jnp.zeros((n, *leaves[0].shape[1:]), leaves[0].dtype)
+            for leaf, i in zip(leaves, index, strict=True):
+                out = out.at[i].set(leaf)
+            return out
         out = np.empty((n, *leaves[0].shape[1:]), leaves[0].dtype)
         for leaf, i in zip(leaves, index, strict=True):
             out[i] = leaf
@@ -340,10 +351,10 @@ def fit_regions(
     - `offset`: camera offset subtracted from `images` before fitting (e.g. for Poisson counts).
     - `solver`: `"lm"` (Levenberg–Marquardt) or any optax optimizer (`optax.lbfgs()`, ...).
     - `max_iter`, `tol`: iteration limit, and convergence tolerance as a fraction of one pixel's
-      expected contribution to the loss (see `levenberg_marquardt`). Outside `jit`, `grad` and
-      `vmap`, Levenberg–Marquardt runs in stages (8, 20, then `max_iter` iterations), each on
-      the regions still running, so a few slow regions do not hold up a whole batch; a region
-      continued into a later stage restarts its damping.
+      expected contribution to the loss (see `levenberg_marquardt`). On CPU, outside `jit`,
+      `grad` and `vmap`, Levenberg–Marquardt runs in stages (8, 20, then `max_iter`
+      iterations), each on the regions still running, so a few slow regions do not hold up a
+      whole batch; a region continued into a later stage restarts its damping.
     - `adjoint`: how `jax.grad`, `jax.jvp` and friends see the fit. `"implicit"` (default): the
       exact derivative of the optimum by the implicit function theorem (one small solve with the
       loss's full Hessian per region), with respect to `images`, `weights`, `offset` and every
@@ -354,10 +365,10 @@ def fit_regions(
     - `chunk_size`: regions vmapped together (default on CPU 64, fewer for big regions and 1024
       for single sources in windows of up to 16×16; 4096 on GPU).
     - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
-      in windows of up to 16×16; 16384 on GPU); bigger
-      inputs are fitted piece by piece. Concrete inputs go through `chunk_size` regions per
-      call, so every batch size shares one compiled program; traced ones (under `jit`) are
-      padded to `chunk_size` times a power of 4, so they compile one of a few.
+      in windows of up to 16×16; 16384 on GPU); bigger inputs are fitted piece by piece.
+      Concrete inputs on CPU go through `chunk_size` regions per call, so every batch size
+      shares one compiled program; the others (under `jit`, or on a GPU) are padded to
+      `chunk_size` times a power of 4, so they compile one of a few.
     - `progress_bar`: show progress over pieces (default: when there are several, on a terminal).
 
     **Returns:** a `FitResult` with `params`, `errors`, `covariance`, `status`, `iterations`,
@@ -382,10 +393,11 @@ def fit_regions(
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
 
-    # Concrete inputs are prepared on the host (numpy): jax would compile small programs for
-    # every new batch size. Traced ones (under jit, grad or vmap) stay jax arrays.
+    # On CPU, concrete inputs are prepared on the host (numpy): jax would compile small programs
+    # for every new batch size. Traced ones (under jit, grad or vmap), and every input on a GPU
+    # (where a round trip to the host costs more than a small compile), stay jax arrays.
     given = (images, init, mask, valid, held, weights, known, offset)
-    host = all(_is_concrete(a) for a in jax.tree_util.tree_leaves(given))
+    host = _host_prepared() and all(_is_concrete(a) for a in jax.tree_util.tree_leaves(given))
     xp = np if host else jnp
     images = xp.asarray(images)
     if images.ndim != 3:
