@@ -1,10 +1,10 @@
 """`fit_regions`: fit many small windows of overlapping sources at once, jointly within each window.
 
-The host checks the inputs. On CPU, concrete ones (outside `jit`, `grad`, `vmap`) are prepared
-in numpy and fitted `chunk_size` regions per call of one compiled program per problem (`_run`),
-Levenberg–Marquardt in stages (`_staged`): the regions still running after each stage are
-gathered and continued. Traced ones, and all inputs on a GPU, are padded to a bucketed batch
-size and fitted in one call per piece.
+The host checks the inputs. Concrete ones (outside `jit`, `grad`, `vmap`; on a GPU, numpy
+ones) are prepared in numpy and fitted `chunk_size` regions per call of one compiled program
+per problem (`_run`); on CPU, Levenberg–Marquardt runs in stages (`_staged`): the regions still
+running after each stage are gathered and continued. Traced ones, and jax arrays on a GPU, are
+padded to a bucketed batch size and fitted in one call per piece.
 Which regions' Gauss–Newton matrices are separable is decided here (`_separable_regions`); those
 and the others are fitted by two programs.
 """
@@ -58,9 +58,14 @@ def _default_sizes(work: int) -> tuple[int, int]:
     return chunk, 1024
 
 
-def _host_prepared() -> bool:
-    """Whether concrete inputs are prepared and fitted from the host (on CPU; see `fit_regions`)."""
-    return jax.default_backend() == "cpu"
+def _host_prepared(given) -> bool:
+    """Whether the inputs `given` are prepared on the host (numpy) and fitted chunk by chunk:
+    concrete ones on CPU, and concrete numpy ones on any device (jax arrays already on a GPU
+    stay there: a round trip through the host would cost more than the fit)."""
+    leaves = jax.tree_util.tree_leaves(given)
+    if not all(_is_concrete(a) for a in leaves):
+        return False
+    return jax.default_backend() == "cpu" or not any(isinstance(a, jax.Array) for a in leaves)
 
 
 def _bucket(n: int, chunk: int, max_batch: int) -> int:
@@ -366,9 +371,9 @@ def fit_regions(
       for single sources in windows of up to 16×16; 4096 on GPU).
     - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
       in windows of up to 16×16; 16384 on GPU); bigger inputs are fitted piece by piece.
-      Concrete inputs on CPU go through `chunk_size` regions per call, so every batch size
-      shares one compiled program; the others (under `jit`, or on a GPU) are padded to
-      `chunk_size` times a power of 4, so they compile one of a few.
+      Concrete inputs (on a GPU: numpy ones) go through `chunk_size` regions per call, so
+      every batch size shares one compiled program; the others (under `jit`; jax arrays on a
+      GPU) are padded to `chunk_size` times a power of 4, so they compile one of a few.
     - `progress_bar`: show progress over pieces (default: when there are several, on a terminal).
 
     **Returns:** a `FitResult` with `params`, `errors`, `covariance`, `status`, `iterations`,
@@ -393,11 +398,10 @@ def fit_regions(
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
 
-    # On CPU, concrete inputs are prepared on the host (numpy): jax would compile small programs
-    # for every new batch size. Traced ones (under jit, grad or vmap), and every input on a GPU
-    # (where a round trip to the host costs more than a small compile), stay jax arrays.
-    given = (images, init, mask, valid, held, weights, known, offset)
-    host = _host_prepared() and all(_is_concrete(a) for a in jax.tree_util.tree_leaves(given))
+    # Concrete inputs are prepared on the host (numpy; see `_host_prepared`): jax would compile
+    # small programs for every new batch size. Traced ones (under jit, grad or vmap) and jax
+    # arrays on a GPU stay jax arrays.
+    host = _host_prepared((images, init, mask, valid, held, weights, known, offset))
     xp = np if host else jnp
     images = xp.asarray(images)
     if images.ndim != 3:
@@ -503,7 +507,7 @@ def fit_regions(
     inputs = (images, mask_f, weights, known, valid, held, params)
     # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
     # (under jit, grad or vmap) and the other solvers run in one go.
-    staged = host and solver == "lm" and adjoint == "implicit"
+    staged = host and solver == "lm" and adjoint == "implicit" and jax.default_backend() == "cpu"
     # Regions whose Gauss–Newton matrix is separable (most, when any) are fitted by their own
     # program, the others (masked pixels inside a window, uneven weights) by the general one.
     fast = _separable_regions(psf, noise_model, mask, weights)

@@ -543,7 +543,7 @@ def test_mixed_batch_keeps_region_order():
 
 
 def test_device_path_matches_host_path(monkeypatch):
-    # On a GPU concrete inputs stay jax arrays and each piece is fitted in one call, without
+    # On a GPU, jax arrays stay on the device and each piece is fitted in one call, without
     # stages; exercised here on CPU. A mixed batch (separable regions and regions with a masked
     # pixel inside) must give the host path's results, in input order.
     rng = np.random.default_rng(9)
@@ -552,7 +552,7 @@ def test_device_path_matches_host_path(monkeypatch):
     mask[::3, 7, 8] = False
     kw = dict(fixed=("sigma",), mask=mask, chunk_size=4, max_batch=8)
     host = crowdfit.fit_regions(img, init, **kw)
-    monkeypatch.setattr(_fit, "_host_prepared", lambda: False)
+    monkeypatch.setattr(_fit, "_host_prepared", lambda given: False)
     device = crowdfit.fit_regions(jnp.asarray(img), init, **kw)
     assert isinstance(device.params["x"], jax.Array)
     np.testing.assert_array_equal(device.status, host.status)
