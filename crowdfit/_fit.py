@@ -23,7 +23,7 @@ from ._background import n_background_params
 from ._implicit import implicit_optimum
 from ._linalg import masked_inverse
 from ._noise import get_noise
-from ._problem import RegionProblem
+from ._problem import RegionProblem, has_profile
 from ._progress import progress
 from ._psf import get_psf
 from ._solution import FitResult, Status
@@ -279,16 +279,17 @@ def _separable_regions(psf, noise_model, mask, weights):
     """`(B,)` True for the regions whose Gauss–Newton matrix is separable (see `RegionProblem`),
     or `None` when none can be (the PSF has no profile, the noise is not Gaussian, or the mask
     and weights are traced: this is checked on the host)."""
-    if psf.profile is None or noise_model is not get_noise("gaussian"):
+    if not has_profile(psf) or noise_model is not get_noise("gaussian"):
         return None
     if not (_is_concrete(mask) and _is_concrete(weights)):
         return None
-    m = np.asarray(mask, bool)
+    # Checked where the arrays are (jax arrays on a GPU stay there); only `(B,)` comes back.
+    xp = np if isinstance(mask, np.ndarray) else jnp
+    m = mask.astype(bool)
     rect = m.any(2)[:, :, None] & m.any(1)[:, None, :]
-    w = np.asarray(weights)
-    lo = np.where(m, w, np.inf).min(axis=(1, 2))
-    hi = np.where(m, w, -np.inf).max(axis=(1, 2))
-    return np.all(m == rect, axis=(1, 2)) & ((lo == hi) | (lo == np.inf))
+    lo = xp.where(m, weights, xp.inf).min(axis=(1, 2))
+    hi = xp.where(m, weights, -xp.inf).max(axis=(1, 2))
+    return np.asarray(xp.all(m == rect, axis=(1, 2)) & ((lo == hi) | (lo == xp.inf)))
 
 
 def _source_mask(a, default, b, k, name, xp):

@@ -17,13 +17,22 @@ from ._noise import NoiseModel
 from ._psf import PSF
 from ._transform import to_internal, to_natural
 
-__all__ = ["RegionProblem"]
+__all__ = ["RegionProblem", "has_profile"]
 
 
 # Below this many pixels a window's Jacobian is cheaper by automatic differentiation than
 # spelled out from profiles, unless the Gauss–Newton matrix is separable too (measured on CPU,
 # Poisson noise, one source: 7×7 0.8 vs 1.5 µs, 11×11 3.5 vs 2.9 µs, 16×16 10.8 vs 8.6 µs).
 _PROFILE_MIN_PIXELS = 100
+
+
+# The parameters a `profile` describes (see `PSF`); a PSF with others takes the generic path.
+_PROFILE_PARAMS = frozenset({"x", "y", "flux", "sigma", "sigma_x", "sigma_y"})
+
+
+def has_profile(psf: PSF) -> bool:
+    """Whether `psf`'s Jacobian can be spelled out from its 1-D `profile`."""
+    return psf.profile is not None and set(psf.params or ("?",)) <= _PROFILE_PARAMS
 
 
 def _pixel_sum(a):
@@ -208,7 +217,7 @@ class RegionProblem:
     def normal_equations(self, u, data):
         """Loss, gradient `(P,)` and Gauss–Newton (Fisher) matrix `(P, P)` at `u`."""
         pixels = self.shape[0] * self.shape[1]
-        if self.psf.profile is not None and (self.separable or pixels >= _PROFILE_MIN_PIXELS):
+        if has_profile(self.psf) and (self.separable or pixels >= _PROFILE_MIN_PIXELS):
             return self._profile_equations(u, data)
         mu, jac = self.model_and_jacobian(u, data)
         d, w, m = data["image"], data["weight"], data["mask"]

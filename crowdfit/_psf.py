@@ -34,8 +34,9 @@ class PSF:
     - `profile`: for a separable model, its 1-D factor `profile(d, s)` (elementwise in the
       offsets `d` from the centre and the width `s`), such that `render` is
       `flux * profile(y - y0, s_y) * profile(x - x0, s_x)`, with `s_x, s_y` the `sigma_x`,
-      `sigma_y` parameters (or both `sigma`). Fits with Gaussian noise then use a cheaper, exact
-      Gauss–Newton matrix (see `RegionProblem`). `None`: not separable.
+      `sigma_y` parameters (or both `sigma`), and `params` holds no other names. Fits then
+      build the Jacobian from the profiles, and with Gaussian noise on unmasked windows use a
+      cheaper, exact Gauss–Newton matrix (see `RegionProblem`). `None`: not separable.
     """
 
     name: str

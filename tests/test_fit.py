@@ -560,3 +560,20 @@ def test_device_path_matches_host_path(monkeypatch):
         err = np.asarray(host.errors[n])
         diff = np.abs(np.asarray(device.params[n]) - np.asarray(host.params[n])) / err
         assert np.max(diff) < 0.05, n
+
+
+def test_profile_psf_with_other_parameters_takes_the_generic_path():
+    # A `profile` describes only x, y, flux and the widths; a PSF that also has another
+    # parameter must be fitted through its own `render` (automatic differentiation).
+    from crowdfit._psf import PSF, _gauss_profile
+
+    def render(p, x, y):
+        return p["scale"] * crowdfit.get_psf("gaussian")(p, x, y)
+
+    psf = PSF("scaled", ("x", "y", "flux", "sigma", "scale"), render, _gauss_profile)
+    rng = np.random.default_rng(10)
+    img, init, truth = _small_problem(rng)
+    init = {**init, "scale": 0.5}
+    res = crowdfit.fit_regions(img * 0.5 + 5.0, init, psf=psf, fixed=("sigma", "scale"))
+    assert np.all(np.asarray(res.status) == 0)
+    np.testing.assert_allclose(res.params["flux"], truth["flux"], rtol=0.1)
