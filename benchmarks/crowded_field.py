@@ -106,7 +106,14 @@ def worker_crowdfit(fields: list[str], out_dir: str) -> None:
             import_s=t_import,
             n_regions=cat.meta.get("n_regions", -1),
             rounds=cat.meta.get("rounds", -1),
-            versions=json.dumps({"jax": jax.__version__, "crowdfit": crowdfit.__version__}),
+            versions=json.dumps(
+                {
+                    "jax": jax.__version__,
+                    "crowdfit": crowdfit.__version__,
+                    "backend": jax.default_backend(),
+                    "device": jax.devices()[0].device_kind,
+                }
+            ),
         )
         print(f"    crowdfit field {i}: first {times[0]:.1f} s, second {times[1]:.1f} s")
         sys.stdout.flush()
@@ -439,12 +446,21 @@ def _version(dist):
         return "n/a"
 
 
+def _machine(versions) -> str:
+    """The CPU, and the accelerator crowdfit ran on if it was not the CPU (peers use the CPU)."""
+    cpu = f"{os.cpu_count()}-core CPU"
+    if versions.get("backend", "cpu") == "cpu":
+        return cpu
+    return f"{cpu}; crowdfit on {versions.get('device', '?')} (jax backend `{versions['backend']}`)"
+
+
 def report(args, size, limit, timeout, rows, analyses, versions, elapsed) -> str:
     lines = [
         "# crowded_field",
         "",
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
-        "- machine: 2-core CPU, shared with other jobs (timings noisy; compare within this run)",
+        f"- machine: {_machine(versions)}, shared with other jobs (timings noisy; compare within "
+        "this run)",
         f"- versions: python {platform.python_version()}, crowdfit "
         f"{versions.get('crowdfit', _version('crowdfit'))} (git {_git_state()}), "
         f"jax {versions.get('jax', 'n/a')}, "
