@@ -306,6 +306,9 @@ def main(argv=None):
     py = sys.executable
     me = str(Path(__file__).resolve())
 
+    # On a GPU each process would otherwise take 75 % of its memory at start: the crowdfit
+    # worker would then fail beside this driver (which simulates and scores with crowdfit).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import crowdfit
 
     tmp = tempfile.TemporaryDirectory(prefix="crowdfit-crowded-")

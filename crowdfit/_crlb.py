@@ -16,6 +16,7 @@ import numpy as np
 from jax.scipy.linalg import cho_factor, cho_solve
 
 from ._background import n_background_params
+from ._linalg import exact_matmuls
 from ._noise import _POISSON_FLOOR, NoiseModel, get_noise
 from ._problem import RegionProblem
 from ._psf import PSF, get_psf
@@ -128,6 +129,7 @@ def _program(free: RegionProblem, has_read_noise: bool, batched: bool):
         errors["background"] = sd[k * nf :] if free.background_free else jnp.zeros((nb,), dtype)
         return errors, cov, fisher
 
+    @exact_matmuls
     def run(params, valid, weight, read_noise):
         _TRACE_COUNT[0] += 1
         f = jax.vmap(one) if batched else one

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._background import n_background_params
 from ._implicit import implicit_optimum
-from ._linalg import masked_inverse
+from ._linalg import exact_matmuls, masked_inverse
 from ._noise import get_noise
 from ._problem import RegionProblem, has_profile
 from ._progress import progress
@@ -38,6 +38,10 @@ def _is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def _default_sizes(work: int) -> tuple[int, int]:
     """`(chunk_size, max_batch)` for the default backend and `work` = sources × pixels a region.
 
@@ -48,7 +52,7 @@ def _default_sizes(work: int) -> tuple[int, int]:
     of 16384 (staging gathers a piece's slow regions into full chunks). A GPU wants big
     batches at once.
     """
-    if jax.default_backend() != "cpu":
+    if not _on_cpu():
         return 4096, 16384
     if work <= 256:
         return 1024, 16384
@@ -65,7 +69,7 @@ def _host_prepared(given) -> bool:
     leaves = jax.tree_util.tree_leaves(given)
     if not all(_is_concrete(a) for a in leaves):
         return False
-    return jax.default_backend() == "cpu" or not any(isinstance(a, jax.Array) for a in leaves)
+    return _on_cpu() or not any(isinstance(a, jax.Array) for a in leaves)
 
 
 def _bucket(n: int, chunk: int, max_batch: int) -> int:
@@ -75,6 +79,15 @@ def _bucket(n: int, chunk: int, max_batch: int) -> int:
     while b < n and b < max_batch:
         b *= 4
     return min(b, max_batch)
+
+
+def _tail(n: int, chunk: int) -> int:
+    """The padded size of a last call of `n <= chunk` regions off the CPU: `chunk / 4^j`, the
+    smallest such that is at least `n` and 64, so a problem compiles at most a few programs."""
+    b = chunk
+    while b // 4 >= max(n, 64):
+        b //= 4
+    return b
 
 
 @functools.lru_cache(maxsize=256)
@@ -166,6 +179,7 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             chi2_reduced=chi2_reduced,
         )
 
+    @exact_matmuls
     def batch(images, mask, weight, known, valid, held, params, start, resume, budget):
         _TRACE_COUNT[0] += 1
         xs = (images, mask, weight, known, valid, held, params, start, resume)
@@ -197,9 +211,11 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     """Fit one piece with the program `fn`, `budget` iterations at most.
 
     `start` `(n, P)`: internal parameters to continue from instead of the piece's `init`.
-    A host (numpy) piece is fitted `chunk` regions per call (the last call padded), so a
-    problem compiles one program whatever the number of regions; a traced piece is padded to
-    its bucket (`_bucket`) and fitted in one call.
+    A host (numpy) piece is fitted `chunk` regions per call (the last call padded), so on CPU a
+    problem compiles one program whatever the number of regions; on other backends the last
+    call is padded only to `_tail(rest, chunk)` (a transfer of a GPU-sized chunk of padding
+    would cost more than the fit). A traced piece is padded to its bucket (`_bucket`) and
+    fitted in one call.
     """
     host = isinstance(piece[0], np.ndarray)
     xp = np if host else jnp
@@ -208,7 +224,12 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     resume = xp.full(n, start is not None)
     start = xp.zeros((n, n_params), dtype) if start is None else xp.asarray(start, dtype)
     args = (*piece, start, resume)
-    size = -(-n // chunk) * chunk if host else _bucket(n, chunk, max_batch)
+    if host:
+        full = (n - 1) // chunk * chunk  # regions in the full calls before the last one
+        last = chunk if _on_cpu() else _tail(n - full, chunk)
+        size = full + last
+    else:
+        size = _bucket(n, chunk, max_batch)
     if size > n:
         # Padding regions: no pixels, no sources; they converge at once and are dropped.
         args = jax.tree_util.tree_map(functools.partial(_pad, size=size, xp=xp), args)
@@ -373,7 +394,8 @@ def fit_regions(
     - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
       in windows of up to 16×16; 16384 on GPU); bigger inputs are fitted piece by piece.
       Concrete inputs (on a GPU: numpy ones) go through `chunk_size` regions per call, so
-      every batch size shares one compiled program; the others (under `jit`; jax arrays on a
+      every batch size shares one compiled program (on a GPU the last call of a piece is
+      padded to `chunk_size / 4^j`, one of a few programs); the others (under `jit`; jax arrays on a
       GPU) are padded to `chunk_size` times a power of 4, so they compile one of a few.
     - `progress_bar`: show progress over pieces (default: when there are several, on a terminal).
 
@@ -508,7 +530,7 @@ def fit_regions(
     inputs = (images, mask_f, weights, known, valid, held, params)
     # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
     # (under jit, grad or vmap) and the other solvers run in one go.
-    staged = host and solver == "lm" and adjoint == "implicit" and jax.default_backend() == "cpu"
+    staged = host and solver == "lm" and adjoint == "implicit" and _on_cpu()
     # Regions whose Gauss–Newton matrix is separable (most, when any) are fitted by their own
     # program, the others (masked pixels inside a window, uneven weights) by the general one.
     fast = _separable_regions(psf, noise_model, mask, weights)

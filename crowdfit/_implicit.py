@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ._background import render_background
-from ._linalg import cholesky, cholesky_solve
+from ._linalg import cholesky, cholesky_solve, exact_matmuls
 from ._problem import RegionProblem, _pixel_sum
 
 __all__ = ["implicit_optimum", "loss_hessian"]
@@ -96,6 +96,7 @@ def implicit_optimum(problem: RegionProblem):
         return u
 
     @f.defjvp
+    @exact_matmuls
     def f_jvp(primals, tangents):
         u, _, data, ok = primals
         _, du0, ddata, _ = tangents

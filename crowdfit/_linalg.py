@@ -7,11 +7,31 @@ region fit, on CPU and GPU alike. A non-positive-definite system gives NaN, neve
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
-__all__ = ["cholesky", "cholesky_solve", "masked_solve", "masked_inverse"]
+__all__ = ["cholesky", "cholesky_solve", "exact_matmuls", "masked_solve", "masked_inverse"]
+
+
+def exact_matmuls(fn):
+    """`fn` traced with float32 matrix products at full precision.
+
+    On recent GPUs XLA's default float32 product rounds its inputs to TF32 (10-bit mantissa).
+    Normal equations built from such products are too coarse for Gauss–Newton: fits of
+    several sources then crawl to `max_iter`. Wrap every traced entry point (the fit program,
+    the implicit derivative's rule, the CRLB program) so each product in them is exact; on CPU
+    this changes nothing.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 _UNROLL_MAX = 10  # below this size the factorisation is unrolled into straight-line code
 

@@ -319,6 +319,37 @@ def test_jit_vmap_grad_and_no_recompile():
     assert _fit._TRACE_COUNT[0] == before
 
 
+def _dot_precisions(jaxpr):
+    """The `precision` of every dot_general in `jaxpr` and the jaxprs nested in it."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(eqn.params["precision"])
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out.extend(_dot_precisions(inner))
+    return out
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "poisson"])
+def test_matrix_products_at_full_precision(noise):
+    # On GPUs XLA's default float32 product is TF32, too coarse for the normal equations.
+    rng = np.random.default_rng(9)
+    img, init, _ = _small_problem(rng)
+    img = jnp.asarray(np.maximum(img, 1.0))
+
+    def flux(im):
+        return crowdfit.fit_regions(im, init, fixed=("sigma",), noise=noise).params["flux"][0, 0]
+
+    for fn in (flux, jax.grad(flux)):
+        precisions = _dot_precisions(jax.make_jaxpr(fn)(img).jaxpr)
+        assert len(precisions) > 3
+        highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+        assert all(p == highest for p in precisions), set(precisions)
+
+
 def test_float64(x64):
     rng = np.random.default_rng(10)
     img, init, truth = _small_problem(rng)
@@ -560,6 +591,33 @@ def test_device_path_matches_host_path(monkeypatch):
         err = np.asarray(host.errors[n])
         diff = np.abs(np.asarray(device.params[n]) - np.asarray(host.params[n])) / err
         assert np.max(diff) < 0.05, n
+
+
+def test_numpy_inputs_off_the_cpu(monkeypatch):
+    # Off the CPU, numpy inputs are prepared on the host and fitted chunk by chunk without
+    # stages, the last call padded only to chunk / 4^j (at least 64).
+    assert [_fit._tail(n, 4096) for n in (1, 64, 65, 256, 257, 1500, 4096)] == [
+        64, 64, 256, 256, 1024, 4096, 4096,
+    ]  # fmt: skip
+    rng = np.random.default_rng(9)
+    img, init, _ = _small_problem(rng)
+    kw = dict(fixed=("sigma",))
+    cpu = crowdfit.fit_regions(img, init, **kw)
+    calls = []
+    monkeypatch.setattr(_fit, "_on_cpu", lambda: False)
+    real = _fit._run
+
+    def spy(fn, piece, *a, **k):
+        calls.append((piece[0].shape[0], k["chunk"]))
+        return real(fn, piece, *a, **k)
+
+    monkeypatch.setattr(_fit, "_run", spy)
+    other = crowdfit.fit_regions(img, init, **kw)
+    assert calls == [(img.shape[0], 4096)]  # the GPU default, one call padded to 64
+    np.testing.assert_array_equal(other.status, cpu.status)
+    for n in ("x", "y", "flux"):
+        diff = np.abs(np.asarray(other.params[n]) - np.asarray(cpu.params[n]))
+        assert np.max(diff / np.asarray(cpu.errors[n])) < 0.05, n
 
 
 def test_profile_psf_with_other_parameters_takes_the_generic_path():
