@@ -81,15 +81,6 @@ def _bucket(n: int, chunk: int, max_batch: int) -> int:
     return min(b, max_batch)
 
 
-def _tail(n: int, chunk: int) -> int:
-    """The padded size of a last call of `n <= chunk` regions off the CPU: `chunk / 4^j`, the
-    smallest such that is at least `n` and 64, so a problem compiles at most a few programs."""
-    b = chunk
-    while b // 4 >= max(n, 64):
-        b //= 4
-    return b
-
-
 @functools.lru_cache(maxsize=256)
 def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
     """The compiled batch fit for one problem; cached so equal settings share one program.
@@ -211,11 +202,9 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     """Fit one piece with the program `fn`, `budget` iterations at most.
 
     `start` `(n, P)`: internal parameters to continue from instead of the piece's `init`.
-    A host (numpy) piece is fitted `chunk` regions per call (the last call padded), so on CPU a
-    problem compiles one program whatever the number of regions; on other backends the last
-    call is padded only to `_tail(rest, chunk)` (a transfer of a GPU-sized chunk of padding
-    would cost more than the fit). A traced piece is padded to its bucket (`_bucket`) and
-    fitted in one call.
+    A host (numpy) piece is fitted `chunk` regions per call (the last call padded), so a
+    problem compiles one program whatever the number of regions; a traced piece is padded to
+    its bucket (`_bucket`) and fitted in one call.
     """
     host = isinstance(piece[0], np.ndarray)
     xp = np if host else jnp
@@ -224,12 +213,7 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     resume = xp.full(n, start is not None)
     start = xp.zeros((n, n_params), dtype) if start is None else xp.asarray(start, dtype)
     args = (*piece, start, resume)
-    if host:
-        full = (n - 1) // chunk * chunk  # regions in the full calls before the last one
-        last = chunk if _on_cpu() else _tail(n - full, chunk)
-        size = full + last
-    else:
-        size = _bucket(n, chunk, max_batch)
+    size = -(-n // chunk) * chunk if host else _bucket(n, chunk, max_batch)
     if size > n:
         # Padding regions: no pixels, no sources; they converge at once and are dropped.
         args = jax.tree_util.tree_map(functools.partial(_pad, size=size, xp=xp), args)
@@ -394,8 +378,7 @@ def fit_regions(
     - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
       in windows of up to 16×16; 16384 on GPU); bigger inputs are fitted piece by piece.
       Concrete inputs (on a GPU: numpy ones) go through `chunk_size` regions per call, so
-      every batch size shares one compiled program (on a GPU the last call of a piece is
-      padded to `chunk_size / 4^j`, one of a few programs); the others (under `jit`; jax arrays on a
+      every batch size shares one compiled program; the others (under `jit`; jax arrays on a
       GPU) are padded to `chunk_size` times a power of 4, so they compile one of a few.
     - `progress_bar`: show progress over pieces (default: when there are several, on a terminal).
 
