@@ -23,7 +23,7 @@ def _fit(args) -> int:
     cat = fit_image(
         image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
         threshold=args.threshold, offset=args.offset, split=not args.no_split,
-        progress_bar=not args.quiet,
+        spikes=not args.keep_spikes, progress_bar=not args.quiet,
     )  # fmt: skip
     out = args.out or "catalog.csv"
     cat.to_csv(out)
@@ -44,7 +44,7 @@ def _traces(args) -> int:
     traces = fit_movie(
         frames, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
         projection=args.projection, drift=args.drift, threshold=args.threshold,
-        offset=args.offset, progress_bar=not args.quiet,
+        offset=args.offset, spikes=not args.keep_spikes, progress_bar=not args.quiet,
     )  # fmt: skip
     traces.to_csv(args.out)
     s = traces.catalog.meta.get("sigma")
@@ -89,6 +89,10 @@ def main(argv=None) -> int:
     fit.add_argument(
         "--no-split", action="store_true", help="no likelihood-ratio test for close pairs"
     )
+    fit.add_argument(
+        "--keep-spikes", action="store_true",
+        help="do not mask single-pixel spikes (hot pixels, cosmic-ray hits)",
+    )  # fmt: skip
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
@@ -106,6 +110,9 @@ def main(argv=None) -> int:
     traces.add_argument("--drift", action="store_true", help="fit positions in every frame")
     traces.add_argument("--threshold", type=float, default=None, help="detection threshold (σ)")
     traces.add_argument("--offset", type=float, default=0.0, help="camera offset to subtract")
+    traces.add_argument(
+        "--keep-spikes", action="store_true", help="do not mask hot pixels of the projection"
+    )
     traces.add_argument("--out", default="traces.csv", help="output CSV (long format)")
     traces.add_argument("--quiet", action="store_true", help="no progress bar")
     traces.set_defaults(func=_traces)

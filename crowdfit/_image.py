@@ -17,6 +17,7 @@ from ._fit import fit_regions
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf, render_windows
+from ._spikes import find_spikes
 from ._split import FIT_TOL, PAIR_THRESHOLD, find_splits, nested_test
 
 __all__ = ["fit_image"]
@@ -346,6 +347,7 @@ def fit_image(
     max_sources: int = 8,
     max_window: int = 32,
     split: bool = True,
+    spikes: bool = True,
     progress_bar: bool | None = None,
 ) -> Catalog:
     """Find and measure every spot or star of an image, fitting crowded ones jointly.
@@ -385,6 +387,10 @@ def fit_image(
     - `max_sources`, `max_window`: bounds on a region (members, pixels a side).
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
+    - `spikes`: mask single-pixel spikes (hot pixels, cosmic-ray hits), which no PSF of the
+      image's width can make, with a warning that counts them (default; see
+      `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds
+      its counts to a star. Their `(row, col)` positions are in `meta["spikes"]`.
     - `progress_bar`: show progress (default: on a terminal).
 
     **Returns:** a `Catalog`, one row per source, ordered by `y`, then `x`.
@@ -415,7 +421,7 @@ def fit_image(
     img = img - offset
     shape = img.shape
     meta = dict(psf=psf.name, noise=noise, shape=shape, rounds=0, n_regions=0, splits=0,
-                region_fits=0)  # fmt: skip
+                region_fits=0, spikes=np.zeros((0, 2), int))  # fmt: skip
     if not good.any():
         warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
         return Catalog(empty_columns(), {**meta, "sigma": sigma})
@@ -430,10 +436,21 @@ def fit_image(
         if det["x"].size == 0:
             return Catalog(empty_columns(), {**meta, "sigma": None})
         guess = estimate_sigma(img, det["x"], det["y"], background=bg_map, mask=good)
-        bg_map = estimate_background(img, good, sigma=guess)
-        det = detect(img, guess, background=bg_map, **det_kw)
         free_shape = True  # the first fit measures every width; their median is the PSF's
         sigma = guess
+    found = find_spikes(img, sigma, noise_level, mask=good, background=bg_map) if spikes else None
+    if found is not None and found.any():
+        meta["spikes"] = np.argwhere(found)
+        warnings.warn(
+            f"{len(meta['spikes'])} single-pixel spike(s) (hot pixels or cosmic-ray hits) are "
+            "masked and ignored (meta['spikes']; spikes=False keeps them)",
+            stacklevel=2,
+        )
+        good = good & ~found
+        det_kw["mask"] = good
+    if free_shape or found is not None and found.any():
+        bg_map = estimate_background(img, good, sigma=guess)
+        det = detect(img, guess, background=bg_map, **det_kw)
     shape_vals = _shape_values(psf, sigma)
     width = max(v for k, v in shape_vals.items() if k != "angle")
 

@@ -188,6 +188,7 @@ def find_spots(
     max_sources,
     max_window,
     progress_bar,
+    spikes=True,
 ) -> Catalog:
     """Find and measure the spots of a movie's projection with `fit_image`."""
     # Gaussian noise: a mean of Poisson frames is not Poisson; only positions and widths are used.
@@ -203,6 +204,7 @@ def find_spots(
         min_snr=min_snr,
         max_sources=max_sources,
         max_window=max_window,
+        spikes=spikes,
         progress_bar=progress_bar,
     )
 
@@ -450,7 +452,7 @@ def fit_block(block, plan: dict, settings: dict) -> dict:
 
 def plan_movie(
     catalog, project, shape, *, psf, sigma, background, noise, drift, offset, mask, threshold,
-    min_snr, max_sources, max_window, max_iter, chunk_frames, progress_bar,
+    min_snr, max_sources, max_window, max_iter, chunk_frames, progress_bar, spikes=True,
 ):  # fmt: skip
     """The spots to measure, their plan and the fit settings: shared by `fit_movie` and
     `crowdfit.dask.fit_movie_dask`.
@@ -463,8 +465,12 @@ def plan_movie(
         catalog = find_spots(
             image, good, psf=psf, sigma=sigma, background=background, offset=offset,
             threshold=threshold, min_snr=min_snr, max_sources=max_sources,
-            max_window=max_window, progress_bar=progress_bar,
+            max_window=max_window, progress_bar=progress_bar, spikes=spikes,
         )  # fmt: skip
+        hot = catalog.meta.get("spikes", np.zeros((0, 2), int))
+        if len(hot):  # hot pixels of the projection: masked in every frame as well
+            mask = np.ones(shape[-2:], bool) if mask is None else np.array(mask, bool)
+            mask[hot[:, 0], hot[:, 1]] = False
     catalog = as_catalog(catalog)
     plan = make_plan(
         catalog, shape, psf=psf, sigma=sigma, max_sources=max_sources, max_window=max_window
@@ -540,6 +546,7 @@ def fit_movie(
     max_window: int = 32,
     max_iter: int = 50,
     chunk_frames: int | None = None,
+    spikes: bool = True,
     progress_bar: bool | None = None,
 ) -> Traces:
     """Measure the intensity trace of every spot of a movie, fitting crowded spots jointly.
@@ -559,8 +566,10 @@ def fit_movie(
     - `frames`: `(T, H, W)` pixel values: a numpy array, a memmap (`read_image`), or anything
       array-like that slices (zarr, h5py; for dask see `crowdfit.dask.fit_movie_dask`).
       Non-finite pixels are masked (with one warning).
-    - `psf`, `sigma`, `background`, `threshold`, `min_snr`, `max_sources`, `max_window`: as for
-      `fit_image` (used on the projection, and `psf`, `background` for every frame).
+    - `psf`, `sigma`, `background`, `threshold`, `min_snr`, `max_sources`, `max_window`,
+      `spikes`: as for `fit_image` (used on the projection, and `psf`, `background` for every
+      frame). Single-pixel spikes of the projection (hot pixels) are masked in every frame too;
+      a cosmic-ray hit in one frame is not found (the projection dilutes it).
     - `noise`: `"gaussian"` or `"poisson"` (counts; subtract a camera `offset`) for the per-frame
       fits; the projection is always fitted by least squares.
     - `projection`: `"mean"`, `"max"`, or a number `n`: the mean of the first `n` frames (before
@@ -607,7 +616,7 @@ def fit_movie(
         catalog, project, (h, w), psf=psf, sigma=sigma, background=background, noise=noise,
         drift=drift, offset=offset, mask=mask, threshold=threshold, min_snr=min_snr,
         max_sources=max_sources, max_window=max_window, max_iter=max_iter, chunk_frames=tc,
-        progress_bar=progress_bar,
+        progress_bar=progress_bar, spikes=spikes,
     )  # fmt: skip
     parts = [
         fit_block(frames[s : s + tc], plan, settings)

@@ -267,6 +267,7 @@ def fit_movie_dask(
     max_window: int = 32,
     max_iter: int = 50,
     chunk_frames: int | None = None,
+    spikes: bool = True,
     progress_bar: bool | None = None,
 ) -> Traces:
     """`fit_movie` on a `(T, H, W)` dask array, chunks of frames fitted in parallel.
@@ -311,7 +312,7 @@ def fit_movie_dask(
         catalog, project, (h, w), psf=psf, sigma=sigma, background=background, noise=noise,
         drift=drift, offset=offset, mask=mask, threshold=threshold, min_snr=min_snr,
         max_sources=max_sources, max_window=max_window, max_iter=max_iter, chunk_frames=tc,
-        progress_bar=progress_bar,
+        progress_bar=progress_bar, spikes=spikes,
     )  # fmt: skip
     # One key each for the plan and the settings, shared by every task.
     plan_d = dask.delayed(plan, pure=True)

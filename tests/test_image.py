@@ -138,6 +138,34 @@ def test_bad_pixels_are_masked_with_a_warning():
     np.testing.assert_allclose(masked["flux"], cat["flux"])
 
 
+def test_hot_pixels_are_masked_with_a_warning():
+    image, truth = crowdfit.simulate_field((64, 64), 6, seed=2, border=8)
+    star = (int(round(truth["y"][0])), int(round(truth["x"][0])))
+    rng = np.random.default_rng(3)
+    flat = rng.choice(np.setdiff1d(np.arange(4 * 64, 60 * 64), [star[0] * 64 + star[1]]), 5,
+                      replace=False)  # fmt: skip
+    planted = {*zip(*np.unravel_index(flat, image.shape), strict=True), star}
+    hot = image.copy()
+    for rc in planted:
+        hot[rc] += 300.0  # three times a star's peak; one of them on star 0's peak
+    with pytest.warns(UserWarning, match="6 single-pixel spike"):
+        cat = crowdfit.fit_image(hot, sigma=2.0)
+    assert {tuple(map(int, rc)) for rc in cat.meta["spikes"]} == planted
+    m = crowdfit.match(truth, cat)
+    assert m.recall == 1.0 and m.precision == 1.0
+    clean = crowdfit.fit_image(image, sigma=2.0)
+    i, j = (int(np.argmin(np.hypot(c["x"] - truth["x"][0], c["y"] - truth["y"][0])))
+            for c in (cat, clean))  # fmt: skip
+    assert abs(cat["flux"][i] - clean["flux"][j]) < 2 * clean["flux_err"][j]
+    # Kept, the spike on the star adds about twice its counts to the star's flux.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = crowdfit.fit_image(hot, sigma=2.0, spikes=False)
+    k = int(np.argmin(np.hypot(kept["x"] - truth["x"][0], kept["y"] - truth["y"][0])))
+    assert kept["flux"][k] - clean["flux"][j] > 300.0
+    assert len(kept.meta["spikes"]) == 0
+
+
 def test_empty_image_gives_empty_catalog():
     rng = np.random.default_rng(0)
     cat = crowdfit.fit_image(rng.normal(5.0, 5.0, (48, 48)), sigma=2.0)

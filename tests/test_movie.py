@@ -214,6 +214,23 @@ def test_non_finite_pixels_masked(movie, traces):
     assert np.all(np.abs(res.flux[idx] - traces.flux)[:, ok] < 0.25 * traces.flux_err[:, ok])
 
 
+def test_hot_pixel_masked_in_every_frame(movie, traces):
+    frames, xy, _ = movie
+    hot = frames.copy()
+    row, col = int(round(xy[8, 1])), int(round(xy[8, 0]))  # an isolated spot's peak pixel
+    hot[:, row, col] += 500.0  # a hot pixel: in every frame
+    with pytest.warns(UserWarning, match="1 single-pixel spike"):
+        res = fit_movie(hot, sigma=SIGMA)
+    assert [tuple(map(int, rc)) for rc in res.catalog.meta["spikes"]] == [(row, col)]
+    idx, dist = nearest(res.catalog, np.column_stack([traces.catalog["x"], traces.catalog["y"]]))
+    assert len(res) == len(traces) and np.all(dist < 0.1)
+    # Kept, the pixel would add ~1000 (~30 flux errors) to every frame's flux. Masked, the
+    # spot's trace loses one pixel's information: frame-to-frame noise, no bias.
+    pull = (res.flux[idx] - traces.flux) / traces.flux_err
+    assert np.all(np.abs(pull) < 1.5)
+    assert np.all(np.abs(pull.mean(1)) < 0.1)
+
+
 def test_bad_input(movie, traces):
     frames, _, _ = movie
     with pytest.raises(ValueError, match=r"\(T, H, W\).*fit_image"):
