@@ -142,10 +142,16 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         eye = jnp.eye(fisher.shape[0], dtype=dtype)
         # A source whose flux collapsed to zero (softplus underflow) has no information on any
         # of its parameters: it is left out of the inversion (its errors are NaN) instead of
-        # making the whole region singular.
+        # making the whole region singular. Each parameter is compared with the same parameter
+        # of the region's other sources: across parameters the information differs by units
+        # (a bright source's position has 10^15 times its flux's), not by collapse.
         info = jnp.diagonal(jax.lax.stop_gradient(fisher))
-        floor = jnp.finfo(dtype).eps ** 2 * jnp.max(jnp.where(active > 0, info, 0.0))
-        collapsed = (active > 0) & (info <= floor) & (floor > 0)  # (no information: singular)
+        n_src = problem.n_sources * len(problem.free_names)
+        src_info = jnp.where(active > 0, info, 0.0)[:n_src].reshape(problem.n_sources, -1)
+        floor = jnp.finfo(dtype).eps ** 2 * jnp.max(src_info, axis=0, keepdims=True)
+        collapsed = (src_info <= floor) & (floor > 0)  # (no information: singular)
+        collapsed = jnp.concatenate([collapsed.reshape(-1), jnp.zeros(info.size - n_src, bool)])
+        collapsed = collapsed & (active > 0)
         active_cov = jnp.where(collapsed, 0.0, active)
         invertible = jnp.all(
             jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active_cov))

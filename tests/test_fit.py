@@ -464,6 +464,24 @@ def test_collapsed_source_does_not_make_the_region_singular():
     assert float(res.errors["flux"][0, 0]) == pytest.approx(np.sqrt(16 * np.pi), rel=0.2)
 
 
+@pytest.mark.parametrize("flux", [2e3, 2e6, 2e8])
+def test_bright_source_keeps_its_errors_in_float32(flux):
+    # A bright source's position information exceeds its flux information by up to 10^19
+    # here: compared across parameters, the flux looked collapsed and its error came out NaN.
+    yy, xx = np.mgrid[:16, :16]
+    g = np.exp(-((xx - 8.2) ** 2 + (yy - 7.6) ** 2) / 8.0) / (8.0 * np.pi)
+    img = (5.0 + flux * g)[None]
+    init = {"x": np.array([[8.0]]), "y": np.array([[8.0]]), "flux": np.array([[flux]]),
+            "sigma": np.array([[2.0]]), "background": np.array([5.0])}  # fmt: skip
+    res = crowdfit.fit_regions(img.astype(np.float32), init, fixed=("sigma",), weights=1 / 25)
+    assert int(res.status[0]) == crowdfit.Status.CONVERGED
+    # Known weights: the flux error is about the isolated-source bound, 5 * sqrt(4 pi sigma^2).
+    for name in ("x", "y", "flux"):
+        assert np.isfinite(res.errors[name][0, 0]), name
+    assert float(res.errors["flux"][0, 0]) == pytest.approx(5 * np.sqrt(16 * np.pi), rel=0.2)
+    assert float(res.errors["x"][0, 0]) < 1.0
+
+
 def test_staged_fit_matches_one_stage():
     # Concrete inputs run in stages (8, 20, max_iter iterations; see `_fit._staged`) and
     # continue the regions still running; under jit the whole batch runs in one go. Both must
