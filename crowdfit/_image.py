@@ -17,6 +17,7 @@ from ._fit import fit_regions
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf, render_windows
+from ._saturation import clear_rims, saturation_level, seed_holes
 from ._spikes import find_spikes
 from ._split import FIT_TOL, PAIR_THRESHOLD, find_splits, nested_test
 
@@ -332,6 +333,66 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     return out
 
 
+def _first_detections(img, good, *, sigma, threshold, spikes, saturation, meta):
+    """Noise, background and detections for the first fit, with the image's bad pixels masked:
+    saturated pixels (at or above `saturation`, offset subtracted; `None`: found) and
+    single-pixel spikes; each masked hole in a star is seeded at its centre. Updates `meta`.
+
+    **Returns:** `(good, noise_level, background_map, detections, sigma, free_shape,
+    saturated_stars)`, or `None` when `sigma` is to be estimated and nothing was detected.
+    """
+    noise_level = estimate_noise(img, good)
+    level = saturation_level(img, good, noise_level) if saturation is None else saturation
+    saturated = np.zeros(img.shape, bool)
+    if level is not None and np.isfinite(level):
+        saturated = good & (img >= level)
+    meta.update(saturation=float(level) if saturated.any() else None,
+                n_saturated=int(saturated.sum()))  # fmt: skip
+    good = good & ~saturated
+    guess = float(np.sqrt(np.prod(sigma))) if sigma is not None else 2.0
+    bg_map = estimate_background(img, good, sigma=guess)
+    det_kw = dict(mask=good, threshold=threshold, noise=noise_level)
+    det = detect(img, guess, background=bg_map, **det_kw)
+    stars = seed_holes(img, good, bg_map, noise_level, guess)
+    free_shape = False
+    if sigma is None:
+        bright = clear_rims(det, stars, 2 * guess)  # a hole's rim is no star to measure
+        if bright["x"].size == 0 and stars["x"].size == 0:
+            return None
+        if bright["x"].size:
+            guess = estimate_sigma(img, bright["x"], bright["y"], background=bg_map, mask=good)
+        free_shape = True  # the first fit measures every width; their median is the PSF's
+        sigma = guess
+    found = find_spikes(img, sigma, noise_level, mask=good, background=bg_map) if spikes else None
+    if found is not None and found.any():
+        meta["spikes"] = np.argwhere(found)
+        warnings.warn(
+            f"{len(meta['spikes'])} single-pixel spike(s) (hot pixels or cosmic-ray hits) are "
+            "masked and ignored (meta['spikes']; spikes=False keeps them)",
+            stacklevel=3,
+        )
+        good = good & ~found
+        det_kw["mask"] = good
+    if free_shape or found is not None and found.any():
+        bg_map = estimate_background(img, good, sigma=guess)
+        det = detect(img, guess, background=bg_map, **det_kw)
+    stars = seed_holes(img, good, bg_map, noise_level, sigma)
+    if saturated.any():
+        warnings.warn(
+            f"{int(saturated.sum())} saturated pixel(s) (>= {level:g}) are masked; stars with "
+            "masked cores are fitted on their wings (meta['saturation']; saturation=np.inf "
+            "keeps the pixels)",
+            stacklevel=3,
+        )
+    if stars["x"].size:
+        # Peak finding answers a hole's rim several times (the masked core blinds the
+        # narrow kernel); real neighbours there come back from the residual.
+        det = clear_rims(det, stars, 2 * float(np.sqrt(np.prod(sigma))))
+        extra = {k: stars[k] if k in stars else np.full(stars["x"].size, np.inf) for k in det}
+        det = {k: np.concatenate([det[k], extra[k]]) for k in det}
+    return good, noise_level, bg_map, det, sigma, free_shape, stars
+
+
 def fit_image(
     image,
     *,
@@ -348,6 +409,7 @@ def fit_image(
     max_window: int = 32,
     split: bool = True,
     spikes: bool = True,
+    saturation: float | None = None,
     progress_bar: bool | None = None,
 ) -> Catalog:
     """Find and measure every spot or star of an image, fitting crowded ones jointly.
@@ -391,6 +453,12 @@ def fit_image(
       image's width can make, with a warning that counts them (default; see
       `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds
       its counts to a star. Their `(row, col)` positions are in `meta["spikes"]`.
+    - `saturation`: the pixel value at which the detector saturates. Pixels at or above it are
+      masked, with a warning, and each saturated star is seeded at its plateau's centre and
+      fitted on its unsaturated wings (see `crowdfit._saturation`). `None` (default) takes the
+      image's maximum when at least two connected pixels hold exactly that value (a clipped
+      plateau) far above the background; `np.inf` turns this off. `meta["saturation"]` holds
+      the level used (or `None`), `meta["n_saturated"]` the number of pixels masked.
     - `progress_bar`: show progress (default: on a terminal).
 
     **Returns:** a `Catalog`, one row per source, ordered by `y`, then `x`.
@@ -415,6 +483,8 @@ def fit_image(
         raise ValueError(f"unknown background {background!r}: expected 'constant' or 'plane'")
     if noise not in ("gaussian", "poisson"):
         raise ValueError(f"unknown noise {noise!r}: expected 'gaussian' or 'poisson'")
+    if saturation is not None and not (np.ndim(saturation) == 0 and float(saturation) > 0):
+        raise ValueError(f"saturation must be a positive number (np.inf: none), got {saturation}")
     if rounds < 0 or max_sources < 1 or max_window < 8:
         raise ValueError("rounds must be >= 0, max_sources >= 1 and max_window >= 8")
     img, good = _check_image(image, mask)
@@ -426,31 +496,16 @@ def fit_image(
         warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
         return Catalog(empty_columns(), {**meta, "sigma": sigma})
 
-    noise_level = estimate_noise(img, good)
-    guess = float(np.sqrt(np.prod(sigma))) if sigma is not None else 2.0
-    bg_map = estimate_background(img, good, sigma=guess)
+    first = _first_detections(
+        img, good, sigma=sigma, threshold=threshold, spikes=spikes,
+        saturation=None if saturation is None else float(saturation) - offset, meta=meta,
+    )  # fmt: skip
+    if meta["saturation"] is not None:  # in the image's own units
+        meta["saturation"] += offset
+    if first is None:  # nothing detected to estimate the PSF width from
+        return Catalog(empty_columns(), {**meta, "sigma": None})
+    good, noise_level, bg_map, det, sigma, free_shape, stars = first
     det_kw = dict(mask=good, threshold=threshold, noise=noise_level)
-    det = detect(img, guess, background=bg_map, **det_kw)
-    free_shape = False
-    if sigma is None:
-        if det["x"].size == 0:
-            return Catalog(empty_columns(), {**meta, "sigma": None})
-        guess = estimate_sigma(img, det["x"], det["y"], background=bg_map, mask=good)
-        free_shape = True  # the first fit measures every width; their median is the PSF's
-        sigma = guess
-    found = find_spikes(img, sigma, noise_level, mask=good, background=bg_map) if spikes else None
-    if found is not None and found.any():
-        meta["spikes"] = np.argwhere(found)
-        warnings.warn(
-            f"{len(meta['spikes'])} single-pixel spike(s) (hot pixels or cosmic-ray hits) are "
-            "masked and ignored (meta['spikes']; spikes=False keeps them)",
-            stacklevel=2,
-        )
-        good = good & ~found
-        det_kw["mask"] = good
-    if free_shape or found is not None and found.any():
-        bg_map = estimate_background(img, good, sigma=guess)
-        det = detect(img, guess, background=bg_map, **det_kw)
     shape_vals = _shape_values(psf, sigma)
     width = max(v for k, v in shape_vals.items() if k != "angle")
 
@@ -503,6 +558,7 @@ def fit_image(
             model = model_image(kept, shape, psf=psf)
             bg_map = estimate_background(img - model, good, sigma=width)
             new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
+            new = clear_rims(new, stars, 1.0)  # the rim itself (the fit there is poorest)
             near_new = np.zeros(kept["x"].size, bool)
             if new["x"].size and kept["x"].size:
                 d2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (
