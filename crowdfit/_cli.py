@@ -23,7 +23,7 @@ def _fit(args) -> int:
     cat = fit_image(
         image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
         threshold=args.threshold, offset=args.offset, split=not args.no_split,
-        spikes=not args.keep_spikes, progress_bar=not args.quiet,
+        spikes=not args.keep_spikes, saturation=args.saturation, progress_bar=not args.quiet,
     )  # fmt: skip
     out = args.out or "catalog.csv"
     cat.to_csv(out)
@@ -92,6 +92,10 @@ def main(argv=None) -> int:
     fit.add_argument(
         "--keep-spikes", action="store_true",
         help="do not mask single-pixel spikes (hot pixels, cosmic-ray hits)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--saturation", type=float, default=None,
+        help="saturation level: pixels at or above it are masked (default: found; inf: none)",
     )  # fmt: skip
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")

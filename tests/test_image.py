@@ -207,6 +207,11 @@ def test_cli_fit(tmp_path, seed_field, capsys):
     assert crowdfit.match(truth, cat).n_matched == 50
     assert cli_main(["fit", str(tmp_path / "missing.tif")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert cli_main(["fit", str(path), "--sigma", "2", "--saturation", "-1", "--quiet"]) == 2
+    assert "saturation must be a positive number" in capsys.readouterr().err
+    args = ["--sigma", "2", "--saturation", "inf", "--keep-spikes", "--out", str(out), "--quiet"]
+    assert cli_main(["fit", str(path), *args]) == 0
+    assert "50 sources" in capsys.readouterr().out
 
 
 def test_width_estimate_ignores_the_blends_tail():
