@@ -333,21 +333,25 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     return out
 
 
-def _first_detections(img, good, *, sigma, threshold, spikes, saturation, meta):
+def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset, meta):
     """Noise, background and detections for the first fit, with the image's bad pixels masked:
-    saturated pixels (at or above `saturation`, offset subtracted; `None`: found) and
-    single-pixel spikes; each masked hole in a star is seeded at its centre. Updates `meta`.
+    saturated pixels (at or above `saturation`, in the units of the image before `offset` was
+    subtracted from `img`; `None`: found) and single-pixel spikes; each masked hole in a star
+    is seeded at its centre. Updates `meta`.
 
     **Returns:** `(good, noise_level, background_map, detections, sigma, free_shape,
     saturated_stars)`, or `None` when `sigma` is to be estimated and nothing was detected.
     """
     noise_level = estimate_noise(img, good)
-    level = saturation_level(img, good, noise_level) if saturation is None else saturation
+    if saturation is None:
+        level = saturation_level(img, good, noise_level)
+    else:
+        level = float(saturation) - offset
     saturated = np.zeros(img.shape, bool)
     if level is not None and np.isfinite(level):
         saturated = good & (img >= level)
-    meta.update(saturation=float(level) if saturated.any() else None,
-                n_saturated=int(saturated.sum()))  # fmt: skip
+    if saturated.any():
+        meta.update(saturation=level + offset, n_saturated=int(saturated.sum()))
     good = good & ~saturated
     guess = float(np.sqrt(np.prod(sigma))) if sigma is not None else 2.0
     bg_map = estimate_background(img, good, sigma=guess)
@@ -379,9 +383,9 @@ def _first_detections(img, good, *, sigma, threshold, spikes, saturation, meta):
     stars = seed_holes(img, good, bg_map, noise_level, sigma)
     if saturated.any():
         warnings.warn(
-            f"{int(saturated.sum())} saturated pixel(s) (>= {level:g}) are masked; stars with "
-            "masked cores are fitted on their wings (meta['saturation']; saturation=np.inf "
-            "keeps the pixels)",
+            f"{int(saturated.sum())} saturated pixel(s) (>= {level + offset:g}) are masked; "
+            "stars with masked cores are fitted on their wings (meta['saturation']; "
+            "saturation=np.inf keeps the pixels)",
             stacklevel=3,
         )
     if stars["x"].size:
@@ -491,17 +495,16 @@ def fit_image(
     img = img - offset
     shape = img.shape
     meta = dict(psf=psf.name, noise=noise, shape=shape, rounds=0, n_regions=0, splits=0,
-                region_fits=0, spikes=np.zeros((0, 2), int))  # fmt: skip
+                region_fits=0, spikes=np.zeros((0, 2), int), saturation=None,
+                n_saturated=0)  # fmt: skip
     if not good.any():
         warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
         return Catalog(empty_columns(), {**meta, "sigma": sigma})
 
     first = _first_detections(
-        img, good, sigma=sigma, threshold=threshold, spikes=spikes,
-        saturation=None if saturation is None else float(saturation) - offset, meta=meta,
+        img, good, sigma=sigma, threshold=threshold, spikes=spikes, saturation=saturation,
+        offset=offset, meta=meta,
     )  # fmt: skip
-    if meta["saturation"] is not None:  # in the image's own units
-        meta["saturation"] += offset
     if first is None:  # nothing detected to estimate the PSF width from
         return Catalog(empty_columns(), {**meta, "sigma": None})
     good, noise_level, bg_map, det, sigma, free_shape, stars = first

@@ -33,6 +33,7 @@ def exact_matmuls(fn):
 
     return wrapped
 
+
 _UNROLL_MAX = 10  # below this size the factorisation is unrolled into straight-line code
 
 
