@@ -7,6 +7,7 @@ bucketed shape) → look for hidden neighbours in the residual → prune → ref
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -28,6 +29,28 @@ _K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
+# Set by `crowdfit.dask`'s tile tasks: the caller reports masked spikes and saturated pixels
+# once for the whole image, not every tile on its own thread.
+_QUIET = threading.local()
+
+
+def spike_message(n: int) -> str:
+    return (
+        f"{n} single-pixel spike(s) (hot pixels or cosmic-ray hits) are masked and ignored "
+        "(meta['spikes']; spikes=False keeps them)"
+    )
+
+
+def saturation_message(n: int, level: float) -> str:
+    return (
+        f"{n} saturated pixel(s) (>= {level:g}) are masked; stars with masked cores are fitted "
+        "on their wings (meta['saturation']; saturation=np.inf keeps the pixels)"
+    )
+
+
+def _warn(message: str) -> None:
+    if not getattr(_QUIET, "on", False):
+        warnings.warn(message, stacklevel=4)  # the caller of fit_image
 
 
 def _check_image(image, mask):
@@ -370,11 +393,7 @@ def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset
     found = find_spikes(img, sigma, noise_level, mask=good, background=bg_map) if spikes else None
     if found is not None and found.any():
         meta["spikes"] = np.argwhere(found)
-        warnings.warn(
-            f"{len(meta['spikes'])} single-pixel spike(s) (hot pixels or cosmic-ray hits) are "
-            "masked and ignored (meta['spikes']; spikes=False keeps them)",
-            stacklevel=3,
-        )
+        _warn(spike_message(len(meta["spikes"])))
         good = good & ~found
         det_kw["mask"] = good
     if free_shape or found is not None and found.any():
@@ -382,12 +401,7 @@ def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset
         det = detect(img, guess, background=bg_map, **det_kw)
     stars = seed_holes(img, good, bg_map, noise_level, sigma)
     if saturated.any():
-        warnings.warn(
-            f"{int(saturated.sum())} saturated pixel(s) (>= {level + offset:g}) are masked; "
-            "stars with masked cores are fitted on their wings (meta['saturation']; "
-            "saturation=np.inf keeps the pixels)",
-            stacklevel=3,
-        )
+        _warn(saturation_message(int(saturated.sum()), level + offset))
     if stars["x"].size:
         # Peak finding answers a hole's rim several times (the masked core blinds the
         # narrow kernel); real neighbours there come back from the residual.

@@ -10,8 +10,9 @@ import warnings
 
 import numpy as np
 
+from . import _image
 from ._catalog import Catalog, empty_columns
-from ._image import fit_image
+from ._image import fit_image, saturation_message, spike_message
 from ._movie import (
     Traces,
     assemble,
@@ -105,14 +106,23 @@ def _fit_tile(crop, mask, core, origin, shape, kwargs) -> dict:
     in_core[r0 - oy : r1 - oy, c0 - ox : c1 - ox] = True
     # Counted on the core only: halos overlap, cores do not.
     n_bad = int(np.count_nonzero(~np.isfinite(img) & in_core & (True if mask is None else mask)))
+    none = dict(spikes=np.zeros((0, 2), int), saturation=None, n_saturated=0)
     if not good.any():
-        return dict(data=empty_columns(), meta={}, n_bad=n_bad)
+        return dict(data=empty_columns(), meta={}, n_bad=n_bad, **none)
     # Non-finite pixels are masked here (and counted above), so that the warning is given once
     # by the caller, not by every task on its own thread or worker.
-    if mask is None and np.isfinite(img).all():
-        cat = fit_image(img, **kwargs)
-    else:
-        cat = fit_image(np.where(good, img, 0.0), mask=good, **kwargs)
+    _image._QUIET.on = True  # spikes and saturated pixels are reported once, by the caller
+    try:
+        if mask is None and np.isfinite(img).all():
+            cat = fit_image(img, **kwargs)
+        else:
+            cat = fit_image(np.where(good, img, 0.0), mask=good, **kwargs)
+    finally:
+        _image._QUIET.on = False
+    spikes = cat.meta["spikes"] + np.array([oy, ox])
+    spikes = spikes[in_core[spikes[:, 0] - oy, spikes[:, 1] - ox]]
+    level = cat.meta["saturation"]
+    n_sat = 0 if level is None else int(np.count_nonzero(good & in_core & (img >= level)))
     x = cat["x"] + ox
     y = cat["y"] + oy
     # Pixel i spans [i - 0.5, i + 0.5); the image's outer tiles own everything beyond its edges.
@@ -127,7 +137,8 @@ def _fit_tile(crop, mask, core, origin, shape, kwargs) -> dict:
         keep &= y < r1 - 0.5
     data = {k: v[keep] for k, v in cat.data.items()}
     data["x"], data["y"] = x[keep], y[keep]
-    return dict(data=data, meta=cat.meta, n_bad=n_bad)
+    return dict(data=data, meta=cat.meta, n_bad=n_bad, spikes=spikes, saturation=level,
+                n_saturated=n_sat)  # fmt: skip
 
 
 def fit_image_dask(
@@ -159,6 +170,8 @@ def fit_image_dask(
 
     **Returns:** a `Catalog` in image coordinates, tile by tile. With one tile it is exactly
     `fit_image`'s; with several, `meta` holds `tiles`, `tile`, `halo` but no `background_image`.
+    `meta["spikes"]`, `"saturation"` and `"n_saturated"` are the whole image's (each pixel
+    counted by the tile whose core holds it), with one warning each.
 
     >>> import crowdfit, crowdfit.dask
     >>> image, truth = crowdfit.simulate_field((64, 64), 10, seed=1)
@@ -201,11 +214,19 @@ def fit_image_dask(
         warnings.warn(
             f"{n_bad} non-finite pixel(s) (NaN or inf) are masked and ignored", stacklevel=2
         )
+    spikes = np.concatenate([p["spikes"] for p in parts])
+    if len(spikes):
+        warnings.warn(spike_message(len(spikes)), stacklevel=2)
+    levels = [p["saturation"] for p in parts if p["saturation"] is not None]
+    masked = dict(spikes=spikes, saturation=max(levels) if levels else None,
+                  n_saturated=sum(p["n_saturated"] for p in parts))  # fmt: skip
+    if masked["n_saturated"]:
+        warnings.warn(saturation_message(masked["n_saturated"], masked["saturation"]), stacklevel=2)
     if len(parts) == 1:
         p = parts[0]
         if not p["meta"]:
             warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
-        return Catalog(p["data"], p["meta"] or _empty_meta(fit_image_kwargs, shape))
+        return Catalog(p["data"], {**(p["meta"] or _empty_meta(fit_image_kwargs, shape)), **masked})
     data, groups = [], 0
     for p in parts:
         d = dict(p["data"])
@@ -227,7 +248,7 @@ def fit_image_dask(
         )
     else:
         warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
-    meta.update(tiles=len(parts), tile=(th, tw), halo=halo)
+    meta.update(tiles=len(parts), tile=(th, tw), halo=halo, **masked)
     return Catalog(columns, meta)
 
 

@@ -72,6 +72,24 @@ def test_fit_image_dask_tiles_match_fit_image(movie):
     assert near_seam.sum() >= 4
 
 
+def test_fit_image_dask_reports_spikes_once(movie):
+    # Tiles mask the spikes of their tile and halo; the caller warns once, for the cores.
+    image = movie[0].mean(0).copy()
+    sky = np.median(image)
+    box = np.lib.stride_tricks.sliding_window_view(np.pad(image, 2, mode="edge"), (5, 5))
+    dark = np.argwhere(box.max((2, 3)) < sky + 20)
+    rng = np.random.default_rng(0)
+    planted = {tuple(map(int, rc)) for rc in dark[rng.choice(len(dark), 3, replace=False)]}
+    for rc in planted:
+        image[rc] += 1000.0
+    with pytest.warns(UserWarning) as record:
+        got = cdask.fit_image_dask(image, tile=32, halo=24, sigma=SIGMA)
+    messages = [str(w.message) for w in record]
+    assert sum("spike" in m for m in messages) == 1 and "3 single-pixel spike" in messages[0]
+    assert {tuple(map(int, rc)) for rc in got.meta["spikes"]} == planted
+    assert got.meta["saturation"] is None and got.meta["n_saturated"] == 0
+
+
 def test_bad_input(movie):
     with pytest.raises(ValueError, match="2-D"):
         cdask.fit_image_dask(movie[0][:2])

@@ -50,6 +50,11 @@ def test_clipped_star_is_fitted_on_its_wings(field):
         kept = crowdfit.fit_image(clipped, sigma=2.0, saturation=np.inf)
     assert kept.meta["saturation"] is None
     assert kept["flux"][_bright(kept)[0]] < 0.5 * BRIGHT["flux"]
+    # With a camera offset: the level is in the image's own units.
+    with pytest.warns(UserWarning, match=r"\(>= 20100\)"):
+        shifted = crowdfit.fit_image(clipped + 100.0, sigma=2.0, offset=100.0)
+    assert shifted.meta["saturation"] == 20100.0
+    np.testing.assert_allclose(shifted["flux"], cat["flux"], rtol=1e-4)
     # A level of the user's below the clip: more pixels masked, the same star.
     with pytest.warns(UserWarning, match="saturated pixel"):
         low = crowdfit.fit_image(clipped, sigma=2.0, saturation=15000.0)
