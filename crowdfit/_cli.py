@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     )
     fit.add_argument(
         "--keep-spikes", action="store_true",
-        help="do not mask single-pixel spikes (hot pixels, cosmic-ray hits)",
+        help="do not mask pixels sharper than the PSF (hot pixels or columns, cosmic rays)",
     )  # fmt: skip
     fit.add_argument(
         "--saturation", type=float, default=None,

@@ -36,8 +36,8 @@ _QUIET = threading.local()
 
 def spike_message(n: int) -> str:
     return (
-        f"{n} single-pixel spike(s) (hot pixels or cosmic-ray hits) are masked and ignored "
-        "(meta['spikes']; spikes=False keeps them)"
+        f"{n} pixel(s) sharper than the PSF (hot pixels or columns, cosmic-ray hits) are masked "
+        "and ignored (meta['spikes']; spikes=False keeps them)"
     )
 
 
@@ -359,8 +359,8 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
 def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset, meta):
     """Noise, background and detections for the first fit, with the image's bad pixels masked:
     saturated pixels (at or above `saturation`, in the units of the image before `offset` was
-    subtracted from `img`; `None`: found) and single-pixel spikes; each masked hole in a star
-    is seeded at its centre. Updates `meta`.
+    subtracted from `img`; `None`: found) and pixels sharper than the PSF; each masked hole in
+    a star is seeded at its centre. Updates `meta`.
 
     **Returns:** `(good, noise_level, background_map, detections, sigma, free_shape,
     saturated_stars)`, or `None` when `sigma` is to be estimated and nothing was detected.
@@ -467,8 +467,8 @@ def fit_image(
     - `max_sources`, `max_window`: bounds on a region (members, pixels a side).
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
-    - `spikes`: mask single-pixel spikes (hot pixels, cosmic-ray hits), which no PSF of the
-      image's width can make, with a warning that counts them (default; see
+    - `spikes`: mask the pixels sharper than any PSF of the image's width can make (hot pixels,
+      hot columns, cosmic-ray hits), with a warning that counts them (default; see
       `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds
       its counts to a star. Their `(row, col)` positions are in `meta["spikes"]`.
     - `saturation`: the pixel value at which the detector saturates. Pixels at or above it are

@@ -1,11 +1,13 @@
-"""Single-pixel spikes: hot pixels and cosmic-ray hits, which no PSF can make.
+"""Pixels sharper than the PSF: hot pixels, hot columns and cosmic-ray hits.
 
-A camera's hot pixel or a cosmic ray's hit lights one pixel. The matched filter still answers
-it (a spike of `H` counts reads as a source of flux `2H`), so it becomes a source of a quarter
-of a star's flux with a bad fit, or, on a star, adds its counts to the star's flux. A PSF of
-width `σ` cannot make it: however the PSF sits, its brightest pixel's brightest 4-neighbour
-holds at least `exp(-1 / (2σ²))` of that pixel's light above the background (exactly that
-fraction for a point-sampled Gaussian centred on the pixel; more off centre or pixel-integrated).
+A camera's hot pixel or a cosmic ray's hit lights one pixel (or a short track), a hot column a
+line of pixels. The matched filter still answers them (a spike of `H` counts reads as a source
+of flux `2H`), so they become false sources with bad fits, or, on a star, add their counts to
+the star's flux. A PSF of width `σ` cannot make them: along each axis, however the PSF sits,
+its brightest pixel's brighter neighbour holds at least `exp(-1 / (2σ²))` of that pixel's light
+above the background (exactly that fraction for a point-sampled Gaussian centred on the pixel;
+more off centre or pixel-integrated). A pixel far brighter than that along either axis is no
+star's.
 """
 
 from __future__ import annotations
@@ -25,17 +27,19 @@ SPIKE_RATIO = 2.0
 
 def find_spikes(image, sigma, noise, *, mask=None, background=None,
                 threshold=SPIKE_THRESHOLD, ratio=SPIKE_RATIO):  # fmt: skip
-    """`(H, W)` True at the pixels that stand out from their 4 neighbours more than a PSF allows.
+    """`(H, W)` True at the pixels sharper than a PSF of width `sigma` can make.
 
-    With `d` the image minus the background, `m_x` and `m_y` the largest of the valid left/right
-    and up/down neighbours of a pixel (at least 0) and `r = exp(-1 / (2 σ²))` along each axis,
-    the PSF allows the pixel `a = max(m_x / r_x, m_y / r_y)`. The pixel is a spike when
-    `d > ratio · a` and `d − a > threshold · noise · √(1 + 1 / r²)` (the noise of the difference,
-    with `r` the smaller of the two). Pure Gaussian noise gives a false spike with probability
-    under 1e-13 per pixel at the defaults; a spike of `H` counts is found from `H ≈ 7.6 noise` on
-    an empty sky, far below where the detector would report it (`H ≈ 18 noise` at σ = 2), and on a
-    star once it exceeds `1.27×` the star's peak. Spikes of two or more adjacent pixels (a
-    cosmic-ray track) are not found. A pixel without a valid neighbour is never a spike.
+    With `d` the image minus the background, `m_x` the larger of a pixel's valid left and right
+    neighbours (at least 0) and `r_x = exp(-1 / (2 σ_x²))`, the PSF allows the pixel
+    `a_x = m_x / r_x` along x; likewise along y. The pixel is a spike when, along x or along y,
+    `d > ratio · a` and `d − a > threshold · noise · √(1 + 1 / r²)` (the noise of the
+    difference); an axis along which a neighbour is missing (an edge, a masked pixel) does not
+    count. Pure Gaussian noise gives a
+    false spike with probability under 1e-13 per pixel at the defaults; a hot pixel of `H`
+    counts is found from `H ≈ 7.6 noise` on an empty sky at σ = 2, far below where the detector
+    would report it (`H ≈ 18 noise`), and on a star once it exceeds `1.27×` the star's peak. A
+    hot column or a cosmic-ray track one pixel wide is found along its width; a blob two pixels
+    wide both ways is not.
 
     **Arguments:**
 
@@ -67,11 +71,14 @@ def find_spikes(image, sigma, noise, *, mask=None, background=None,
     d = img - (0.0 if background is None else np.asarray(background, dtype=np.float64))
     d = np.where(valid, d, -np.inf)  # invalid pixels never raise a neighbour's maximum
     pad = np.pad(d, 1, constant_values=-np.inf)
-    m_x = np.maximum(pad[1:-1, :-2], pad[1:-1, 2:])
-    m_y = np.maximum(pad[:-2, 1:-1], pad[2:, 1:-1])
-    has_neighbour = np.isfinite(m_x) | np.isfinite(m_y)
-    r_x, r_y = math.exp(-0.5 / sx**2), math.exp(-0.5 / sy**2)
-    allowed = np.maximum(np.maximum(m_x, 0.0) / r_x, np.maximum(m_y, 0.0) / r_y)
-    scale = threshold * float(noise) * math.sqrt(1.0 + 1.0 / min(r_x, r_y) ** 2)
-    with np.errstate(invalid="ignore"):
-        return valid & has_neighbour & (d > ratio * allowed) & (d - allowed > scale)
+    spike = np.zeros(img.shape, bool)
+    for a, b, s in ((pad[1:-1, :-2], pad[1:-1, 2:], sx), (pad[:-2, 1:-1], pad[2:, 1:-1], sy)):
+        # Both neighbours along the axis must be valid: past an edge or a mask may lie the
+        # centre of a star whose brightest valid pixel this is.
+        m = np.where(np.isfinite(a) & np.isfinite(b), np.maximum(a, b), np.nan)
+        r = math.exp(-0.5 / s**2)
+        allowed = np.maximum(m, 0.0) / r
+        scale = threshold * float(noise) * math.sqrt(1.0 + 1.0 / r**2)
+        with np.errstate(invalid="ignore"):
+            spike |= np.isfinite(m) & (d > ratio * allowed) & (d - allowed > scale)
+    return valid & spike

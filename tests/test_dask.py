@@ -85,7 +85,8 @@ def test_fit_image_dask_reports_spikes_once(movie):
     with pytest.warns(UserWarning) as record:
         got = cdask.fit_image_dask(image, tile=32, halo=24, sigma=SIGMA)
     messages = [str(w.message) for w in record]
-    assert sum("spike" in m for m in messages) == 1 and "3 single-pixel spike" in messages[0]
+    assert sum("sharper than the PSF" in m for m in messages) == 1
+    assert "3 pixel(s) sharper than the PSF" in messages[0]
     assert {tuple(map(int, rc)) for rc in got.meta["spikes"]} == planted
     assert got.meta["saturation"] is None and got.meta["n_saturated"] == 0
 

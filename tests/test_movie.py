@@ -219,7 +219,7 @@ def test_hot_pixel_masked_in_every_frame(movie, traces):
     hot = frames.copy()
     row, col = int(round(xy[8, 1])), int(round(xy[8, 0]))  # an isolated spot's peak pixel
     hot[:, row, col] += 500.0  # a hot pixel: in every frame
-    with pytest.warns(UserWarning, match="1 single-pixel spike"):
+    with pytest.warns(UserWarning, match=r"1 pixel\(s\) sharper than the PSF"):
         res = fit_movie(hot, sigma=SIGMA)
     assert [tuple(map(int, rc)) for rc in res.catalog.meta["spikes"]] == [(row, col)]
     idx, dist = nearest(res.catalog, np.column_stack([traces.catalog["x"], traces.catalog["y"]]))
