@@ -24,8 +24,11 @@ _MIN_PLATEAU = 2
 # ...this many noise standard deviations above the median (a low-count integer image repeats
 # its maximum by chance).
 _MIN_HEIGHT = 20.0
-# A masked hole sits in a star when its rim's median is this many noise σ above the background.
+# A masked hole sits in a star when its rim's median is this many noise σ above the background,
 _MIN_RIM = 20.0
+# and it is no larger than a disc of this many PSF widths in radius (a star that bright is
+# 10^7 times its saturation level; a bigger hole is a masked region, not a star's core).
+_MAX_RADIUS = 6.0
 
 
 def saturation_level(image, good, noise) -> float | None:
@@ -51,9 +54,10 @@ def seed_holes(image, good, background, noise, sigma) -> dict[str, np.ndarray]:
 
     A hole is a connected (8-neighbour) group of masked pixels: a saturated plateau, or pixels
     the user masked or that were not finite. It sits in a star when the median of the valid
-    pixels around it (its rim) lies more than 20 noise σ above the background: a star's light
-    falls off smoothly from the masked core, while a cosmic-ray hit or a hot pixel, a bad column
-    or a masked border has a rim at the background, and stays a plain hole.
+    pixels around it (its rim) lies more than 20 noise σ above the background and it is no
+    larger than a disc of 6 PSF widths: a star's light falls off smoothly from the masked core,
+    while a cosmic-ray hit or a hot pixel, a bad column or a masked border has a rim at the
+    background, and a large masked region is not a star's core; those stay plain holes.
 
     **Returns:** a dict of `(S,)` `x`, `y` (the hole's centroid), `radius` (`r = √(area / π)`)
     and `flux_guess`: the Gaussian of width `sigma` through the rim's median `v` at `r + ½`,
@@ -87,9 +91,9 @@ def seed_holes(image, good, background, noise, sigma) -> dict[str, np.ndarray]:
         rim[:, 1:] |= hole[:, :-1]
         rim &= good[r0:r1, c0:c1]
         v = float(np.median(excess[r0:r1, c0:c1][rim])) if rim.any() else 0.0
-        if v <= _MIN_RIM * noise:
-            continue
         r = math.sqrt(region.area / math.pi)
+        if v <= _MIN_RIM * noise or r > _MAX_RADIUS * s:
+            continue
         rows.append(region.centroid[0])
         cols.append(region.centroid[1])
         radii.append(r)
