@@ -23,7 +23,8 @@ def _fit(args) -> int:
     cat = fit_image(
         image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
         threshold=args.threshold, offset=args.offset, split=not args.no_split,
-        spikes=not args.keep_spikes, saturation=args.saturation, progress_bar=not args.quiet,
+        spikes=not args.keep_spikes, saturation=args.saturation, psf_error=args.psf_error,
+        progress_bar=not args.quiet,
     )  # fmt: skip
     out = args.out or "catalog.csv"
     cat.to_csv(out)
@@ -96,6 +97,10 @@ def main(argv=None) -> int:
     fit.add_argument(
         "--saturation", type=float, default=None,
         help="saturation level: pixels at or above it are masked (default: found; inf: none)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--psf-error", type=float, default=0.01,
+        help="the PSF model's fractional error (default 0.01; 0: exact, for simulations)",
     )  # fmt: skip
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -48,6 +48,10 @@ def saturation_message(n: int, level: float) -> str:
     )
 
 
+def _threshold(threshold):
+    return 5.0 if threshold is None else float(threshold)  # (`detect`'s default)
+
+
 def _warn(message: str) -> None:
     if not getattr(_QUIET, "on", False):
         warnings.warn(message, stacklevel=4)  # the caller of fit_image
@@ -266,6 +270,24 @@ def _isolated_flux_error(cat, noise, noise_level):
     return noise_level * np.sqrt(area)
 
 
+def _model_error(cat, width, psf_error):
+    """`(N,)` the flux error each source inherits from its neighbours' PSF error: `psf_error`
+    times the least-squares flux of their light under its PSF, `Σ_j f_j exp(-d_ij² / 4σ²)`
+    (Gaussians of width σ). A PSF off by a fraction of itself leaves that much light to be
+    taken for a faint neighbour; next to a star of 10⁶ photons it dwarfs the photon noise."""
+    out = np.zeros(cat["x"].size)
+    ok = np.isfinite(cat["x"]) & np.isfinite(cat["y"]) & np.isfinite(cat["flux"])
+    if psf_error <= 0 or ok.sum() < 2:
+        return out
+    idx = np.where(ok)[0]
+    x, y, f = cat["x"][idx], cat["y"][idx], np.maximum(cat["flux"][idx], 0.0)
+    a, b = _pairs_within(x, y, 4.0 * width)
+    w = np.exp(-((x[a] - x[b]) ** 2 + (y[a] - y[b]) ** 2) / (4.0 * width * width))
+    light = np.bincount(a, w * f[b], idx.size) + np.bincount(b, w * f[a], idx.size)
+    out[idx] = psf_error * light
+    return out
+
+
 def _prune(cat, sigma, min_snr, shape, protect, floor_err):
     """Which sources to keep: significant ones, not merged into a brighter neighbour.
 
@@ -428,6 +450,7 @@ def fit_image(
     split: bool = True,
     spikes: bool = True,
     saturation: float | None = None,
+    psf_error: float = 0.01,
     progress_bar: bool | None = None,
 ) -> Catalog:
     """Find and measure every spot or star of an image, fitting crowded ones jointly.
@@ -477,6 +500,12 @@ def fit_image(
       image's maximum when at least two connected pixels hold exactly that value (a clipped
       plateau) far above the background; `np.inf` turns this off. `meta["saturation"]` holds
       the level used (or `None`), `meta["n_saturated"]` the number of pixels masked.
+    - `psf_error`: the PSF model's error as a fraction of each source's light (DAOPHOT's
+      "profile error"; default 1 %). No real PSF is exactly Gaussian, and next to a bright
+      star the mismatch is far above the photon noise and would be taken for faint neighbours.
+      It enters the significance of residual peaks and split candidates, and the error each
+      source inherits from its neighbours (`_model_error`) when sources are judged; the
+      reported `flux_err` and `snr` are the fit's own. `0` trusts the PSF exactly (simulations).
     - `progress_bar`: show progress (default: on a terminal).
 
     **Returns:** a `Catalog`, one row per source, ordered by `y`, then `x`.
@@ -501,6 +530,9 @@ def fit_image(
         raise ValueError(f"unknown background {background!r}: expected 'constant' or 'plane'")
     if noise not in ("gaussian", "poisson"):
         raise ValueError(f"unknown noise {noise!r}: expected 'gaussian' or 'poisson'")
+    if not (np.ndim(psf_error) == 0 and 0 <= float(psf_error) < 1):
+        raise ValueError(f"psf_error must be a fraction in [0, 1), got {psf_error}")
+    psf_error = float(psf_error)
     if saturation is not None and not (np.ndim(saturation) == 0 and float(saturation) > 0):
         raise ValueError(f"saturation must be a positive number (np.inf: none), got {saturation}")
     if rounds < 0 or max_sources < 1 or max_window < 8:
@@ -558,15 +590,22 @@ def fit_image(
         test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise)
         # A source whose region was not refitted keeps last round's verdicts: nothing within
         # reach of its test window changed (see `_REACH`).
+        # Judged with the error a source inherits from its neighbours' PSF error, too.
+        model_err = _model_error(cat, width, psf_error)
+        judged = dict(cat, snr=cat["flux"] / np.hypot(cat["flux_err"], model_err))
         protect = np.zeros(cat["x"].size, bool)
         if split:
-            protect = _warranted(img, good, cat, width, min_snr, shape, only=refitted, **test_kw)
+            protect = _warranted(img, good, judged, width, min_snr, shape, only=refitted,
+                                 **test_kw)  # fmt: skip
             if previous is not None:
                 old = ~refitted
                 protect[old] = last_protect[src["prev"][old]]
         last_protect = protect
+        # A weak source is not upheld by the likelihood ratio where its flux is within the
+        # reach of its neighbours' PSF error: there the ratio measures the PSF's mismatch.
+        protect = protect & (cat["flux"] >= min_snr * model_err)
         floor_err = _isolated_flux_error(cat, noise, noise_level)
-        keep = _prune(cat, width, min_snr, shape, protect, floor_err)
+        keep = _prune(judged, width, min_snr, shape, protect, np.hypot(floor_err, model_err))
         kept = {c: v[keep] for c, v in cat.items()}
         new = {"x": np.zeros(0), "y": np.zeros(0), "flux_guess": np.zeros(0)}
         parents, kids = np.zeros(0, int), {k: np.zeros(0) for k in ("x", "y", "flux")}
@@ -576,6 +615,11 @@ def fit_image(
             bg_map = estimate_background(img - model, good, sigma=width)
             new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
             new = clear_rims(new, stars, 1.0)  # the rim itself (the fit there is poorest)
+            if psf_error > 0 and new["x"].size:  # the residual's noise includes the PSF error
+                r = np.clip(np.rint(new["y"]).astype(int), 0, shape[0] - 1)
+                c = np.clip(np.rint(new["x"]).astype(int), 0, shape[1] - 1)
+                lifted = np.hypot(noise_level, psf_error * model[r, c]) / noise_level
+                new = {k: v[new["snr"] / lifted >= _threshold(threshold)] for k, v in new.items()}
             near_new = np.zeros(kept["x"].size, bool)
             if new["x"].size and kept["x"].size:
                 d2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (
@@ -590,7 +634,7 @@ def fit_image(
                 # next to a new residual peak, which explains its residual better.
                 parents, kids = find_splits(
                     img, good, kept, model, bg_map, noise_level=noise_level,
-                    exclude=near_new | ~refitted[keep], **test_kw,
+                    exclude=near_new | ~refitted[keep], psf_error=psf_error, **test_kw,
                 )  # fmt: skip
             meta["rounds"] += 1
         if new["x"].size == 0 and parents.size == 0 and keep.all():

@@ -170,15 +170,16 @@ def nested_test(
 
 def find_splits(
     img, good, cat, model, sky, *, psf, shape_vals, background_model, noise, noise_level,
-    screen=SCREEN_THRESHOLD, threshold=PAIR_THRESHOLD, exclude=None,
+    screen=SCREEN_THRESHOLD, threshold=PAIR_THRESHOLD, exclude=None, psf_error=0.0,
 ):  # fmt: skip
     """Which sources of a fitted catalog are unresolved pairs, and the pairs' fits.
 
     **Arguments:** `img`, `good` `(H, W)` (offset-subtracted data and valid pixels); `cat` the
     catalog columns (dict of `(N,)`); `model` `(H, W)` its sources' light; `sky` `(H, W)` the
-    smooth background; `noise_level` the Gaussian noise σ; `screen` the least residual-quadrupole
-    χ² drop for a candidate; `exclude` `(N,)` sources not to try (e.g. next to a new residual
-    detection, which explains their residual better).
+    smooth background; `noise_level` the Gaussian noise σ; `psf_error` the PSF model's
+    fractional error, added to each pixel's variance for the screen; `screen` the least
+    residual-quadrupole χ² drop for a candidate; `exclude` `(N,)` sources not to try (e.g.
+    next to a new residual detection, which explains their residual better).
 
     **Returns:** `(parents, children)`: `(P,)` indices of sources to replace, and a dict of
     `(P, 2)` `x, y, flux` for their two parts.
@@ -192,6 +193,7 @@ def find_splits(
         variance = np.maximum(model + sky, 1.0)
     else:
         variance = np.full(img.shape, max(noise_level, 1e-12) ** 2)
+    variance = variance + (psf_error * model) ** 2  # the PSF's own error, as a fraction
     drop, angle, sep = quadrupole_screen(
         img - model - sky, variance, good, cat["x"], cat["y"], cat["flux"], sx, sy
     )
