@@ -61,7 +61,7 @@ def _default_sizes(work: int, n: int = 0) -> tuple[int, int]:
         chunk = 4096
         while chunk < min(n, cap):
             chunk *= 4
-        return chunk, 16 * cap
+        return chunk, 4 * cap  # (a bucket pads a piece to chunk · 4^j: at most 4× here)
     if work <= 256:
         return 1024, 16384
     chunk = 64
@@ -391,7 +391,7 @@ def fit_regions(
       for single sources in windows of up to 16×16; on GPU 4096, growing by powers of 4 with
       the batch up to 65536 for small regions).
     - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
-      in windows of up to 16×16; on GPU 16 times the largest chunk); bigger inputs are fitted
+      in windows of up to 16×16; on GPU 4 times the largest chunk); bigger inputs are fitted
       piece by piece.
       Concrete inputs (on a GPU: numpy ones) go through `chunk_size` regions per call, so
       every batch size shares one compiled program; the others (under `jit`; jax arrays on a

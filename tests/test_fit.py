@@ -623,8 +623,8 @@ def test_numpy_inputs_off_the_cpu(monkeypatch):
     # GPU chunks: 4096, growing by powers of 4 with the batch, capped by the region's work.
     sizes = [_fit._default_sizes(w, n) for w, n in ((49, 10), (49, 5000), (49, 10**6),
                                                     (2048, 10**6), (8192, 10**6))]  # fmt: skip
-    assert sizes == [(4096, 2**20), (16384, 2**20), (65536, 2**20), (16384, 2**18),
-                     (4096, 2**16)]  # fmt: skip
+    assert sizes == [(4096, 2**18), (16384, 2**18), (65536, 2**18), (16384, 2**16),
+                     (4096, 2**14)]  # fmt: skip
     real = _fit._run
 
     def spy(fn, piece, *a, **k):
