@@ -588,11 +588,11 @@ def fit_image(
             src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
             continue
         test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise)
-        # A source whose region was not refitted keeps last round's verdicts: nothing within
-        # reach of its test window changed (see `_REACH`).
         # Judged with the error a source inherits from its neighbours' PSF error, too.
         model_err = _model_error(cat, width, psf_error)
         judged = dict(cat, snr=cat["flux"] / np.hypot(cat["flux_err"], model_err))
+        # A source whose region was not refitted keeps last round's verdicts: nothing within
+        # reach of its test window changed (see `_REACH`).
         protect = np.zeros(cat["x"].size, bool)
         if split:
             protect = _warranted(img, good, judged, width, min_snr, shape, only=refitted,
