@@ -295,8 +295,9 @@ def estimate_background(image, mask=None, *, box=None, sigma=None) -> np.ndarray
     n_high = np.sum(~np.isnan(high), axis=1)
     mad = _row_median(np.abs(high - _row_median(high)[:, None]))
     spread = _MAD_TO_STD * mad / _HIGH_PASS_GAIN
-    fallback = estimate_noise(img, valid)
-    spread = np.where((n_high >= 16) & np.isfinite(spread), spread, fallback)
+    usable = (n_high >= 16) & np.isfinite(spread)
+    if not usable.all():  # (the whole image's estimate costs as much as the boxes')
+        spread = np.where(usable, spread, estimate_noise(img, valid))
 
     data = np.where(valid, img, np.nan)
     enough = np.sum(~np.isnan(mesh.gather(data)), axis=1) >= max(4, 0.2 * mesh.pixels)
