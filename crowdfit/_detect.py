@@ -5,9 +5,12 @@ All numpy + scikit-image on the host; it gives the fitter its starting positions
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 
 import numpy as np
+import scipy.ndimage
 import skimage.feature
 
 from ._group import _pairs_within, pad_windows
@@ -317,26 +320,38 @@ def _gaussian_taps(sigma: float, power: int = 1) -> np.ndarray:
 
 
 def _convolve_separable(a: np.ndarray, taps: np.ndarray) -> np.ndarray:
-    """`a` convolved with `taps ⊗ taps`, zero outside the image (loops over taps, not pixels)."""
-    half = (taps.size - 1) // 2
-    height, width = a.shape
-    padded = np.pad(a, ((half, half), (0, 0)))
-    rows = np.zeros_like(a)
-    for k, tap in enumerate(taps):
-        rows += tap * padded[k : k + height]
-    padded = np.pad(rows, ((0, 0), (half, half)))
-    out = np.zeros_like(a)
-    for k, tap in enumerate(taps):
-        out += tap * padded[:, k : k + width]
-    return out
+    """`a` convolved with the symmetric `taps ⊗ taps`, zero outside the image."""
+    rows = scipy.ndimage.correlate1d(a, taps, axis=0, mode="constant", cval=0.0)
+    return scipy.ndimage.correlate1d(rows, taps, axis=1, mode="constant", cval=0.0)
+
+
+# The information maps `Σ w P²` of recent masks: `fit_image` detects on several residuals of
+# one image with one mask and width. (Shared by `crowdfit.dask`'s threads: locked.)
+_INFORMATION: dict = {}
+_INFORMATION_LOCK = threading.Lock()
+
+
+def _information(valid: np.ndarray, sigma: float) -> np.ndarray:
+    key = (valid.shape, sigma, hashlib.sha1(np.packbits(valid).tobytes()).hexdigest())
+    with _INFORMATION_LOCK:
+        info = _INFORMATION.get(key)
+    if info is None:
+        norm = 1.0 / (2.0 * math.pi * sigma * sigma)
+        w = valid.astype(np.float64)
+        info = norm * norm * _convolve_separable(w, _gaussian_taps(sigma, power=2))
+        info.setflags(write=False)
+        with _INFORMATION_LOCK:
+            if len(_INFORMATION) >= 8:
+                _INFORMATION.pop(next(iter(_INFORMATION)))
+            _INFORMATION[key] = info
+    return info
 
 
 def _matched_filter_parts(residual, valid, sigma):
     """Least-squares flux map and its information `Σ w P²` (see `matched_filter`)."""
     norm = 1.0 / (2.0 * math.pi * sigma * sigma)
-    w = valid.astype(np.float64)
     numerator = norm * _convolve_separable(np.where(valid, residual, 0.0), _gaussian_taps(sigma))
-    information = norm * norm * _convolve_separable(w, _gaussian_taps(sigma, power=2))
+    information = _information(np.asarray(valid, bool), float(sigma))
     with np.errstate(invalid="ignore", divide="ignore"):
         flux = np.where(information > 0, numerator / information, 0.0)
     return flux, information
