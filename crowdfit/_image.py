@@ -389,7 +389,7 @@ def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset
     """
     noise_level = estimate_noise(img, good)
     if saturation is None:
-        level = saturation_level(img, good, noise_level)
+        level = saturation_level(img, good, noise_level, offset)
     else:
         level = float(saturation) - offset
     saturated = np.zeros(img.shape, bool)
@@ -498,7 +498,8 @@ def fit_image(
       masked, with a warning, and each saturated star is seeded at its plateau's centre and
       fitted on its unsaturated wings (see `crowdfit._saturation`). `None` (default) takes the
       image's maximum when at least two connected pixels hold exactly that value (a clipped
-      plateau) far above the background; `np.inf` turns this off. `meta["saturation"]` holds
+      plateau; four for integer counts below a converter's limit) far above the background;
+      `np.inf` turns this off. `meta["saturation"]` holds
       the level used (or `None`), `meta["n_saturated"]` the number of pixels masked.
     - `psf_error`: the PSF model's error as a fraction of each source's light (DAOPHOT's
       "profile error"; default 1 %). No real PSF is exactly Gaussian, and next to a bright

@@ -19,8 +19,11 @@ import skimage.measure
 __all__ = ["saturation_level", "seed_holes", "clear_rims"]
 
 # An automatic saturation level needs a plateau of at least this many connected pixels holding
-# exactly the image's maximum...
-_MIN_PLATEAU = 2
+# exactly the image's maximum (integer counts below a converter's limit tie by chance more
+# often, so they need more)...
+_MIN_PLATEAU, _MIN_PLATEAU_COUNTS = 2, 4
+# The limits of 8- to 32-bit converters, 2^k - 1 and 2^k.
+_ADC_LIMITS = {float(2**k - d) for k in range(8, 33) for d in (0, 1)}
 # ...this many noise standard deviations above the median (a low-count integer image repeats
 # its maximum by chance).
 _MIN_HEIGHT = 20.0
@@ -31,10 +34,12 @@ _MIN_RIM = 20.0
 _MAX_RADIUS = 6.0
 
 
-def saturation_level(image, good, noise) -> float | None:
+def saturation_level(image, good, noise, offset=0.0) -> float | None:
     """The image's saturation level if it has one: its maximum, when at least 2 connected valid
     pixels hold exactly that value and it lies over 20 noise σ above the median; else `None`.
-    Two connected pixels at one value are a plateau that a noisy image does not make by itself.
+    Two connected pixels at one value are a plateau that noisy real numbers do not make by
+    themselves; integer counts need 4, unless the maximum (plus `offset`, which was subtracted
+    from `image`) is a converter's limit, `2^k − 1` or `2^k`.
     """
     values = image[good]
     if values.size == 0:
@@ -42,11 +47,14 @@ def saturation_level(image, good, noise) -> float | None:
     top = float(values.max())
     if top - float(np.median(values)) < _MIN_HEIGHT * noise:
         return None
+    raw = values + offset
+    counts = bool(np.all(raw == np.round(raw))) and top + offset not in _ADC_LIMITS
+    need = _MIN_PLATEAU_COUNTS if counts else _MIN_PLATEAU
     at_top = good & (image == top)
-    if np.count_nonzero(at_top) < _MIN_PLATEAU:
+    if np.count_nonzero(at_top) < need:
         return None
     sizes = np.bincount(skimage.measure.label(at_top, connectivity=2).ravel())[1:]
-    return top if sizes.size and sizes.max() >= _MIN_PLATEAU else None
+    return top if sizes.size and sizes.max() >= need else None
 
 
 def seed_holes(image, good, background, noise, sigma) -> dict[str, np.ndarray]:

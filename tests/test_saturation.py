@@ -90,6 +90,15 @@ def test_saturation_level():
     assert saturation_level(image, good, 5.0) == 1000.0
     image[10, 11] = 900.0  # two separate pixels at the max are no plateau
     assert saturation_level(image, good, 5.0) is None
+    # Integer counts: two tied pixels are chance, unless at a converter's limit; four are not.
+    counts = np.round(rng.normal(100.0, 5.0, (32, 32)))
+    counts[10, 10:12] = 1000.0
+    assert saturation_level(counts, good, 5.0) is None
+    assert saturation_level(counts - 100.0, good, 5.0, offset=100.0) is None
+    counts[10, 10:12] = 4095.0
+    assert saturation_level(counts - 100.0, good, 5.0, offset=100.0) == 3995.0
+    counts[10:12, 10:12] = 1000.0
+    assert saturation_level(counts, good, 5.0) == 1000.0
     # A saturated cosmic-ray hit (dark rim) is masked but is no star.
     image = rng.normal(100.0, 5.0, (48, 48))
     image[20, 20:22] = 4000.0
