@@ -9,6 +9,10 @@ with the most time of their own. Time spent waiting for compiled fits shows up i
 Run from the repository root (any backend JAX picks; `JAX_PLATFORMS=cpu` for the CPU):
 
     python benchmarks/profile_fit_image.py --density 0.3 --size 512
+    python benchmarks/profile_fit_image.py --chunk 256   # fit_regions' chunks capped at 256
+
+`--chunk` caps `fit_regions`' default chunk (an experiment for GPUs, where `fit_image`'s batches
+of a few hundred regions are padded to 4096: less padding to move, more programs to compile).
 """
 
 from __future__ import annotations
@@ -34,7 +38,15 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=None, help="cap on the default chunk_size")
     args = ap.parse_args(argv)
+    if args.chunk:
+        from crowdfit import _fit
+
+        default = _fit._default_sizes
+        _fit._default_sizes = lambda work, n=0: (min(default(work, n)[0], args.chunk),
+                                                 default(work, n)[1])  # fmt: skip
+        print(f"default chunk_size capped at {args.chunk}")
 
     n = int(round(args.density * args.size**2 / FWHM**2))
     image, _ = crowdfit.simulate_field(
