@@ -4,7 +4,7 @@
 # imported fail their rows; photutils and crowdsourcephoto can travel as wheels), where a warm
 # fit_image call spends its time, then the throughput benchmarks at GPU sizes. Needs jax (CUDA),
 # optax, scikit-image, numpy, scipy. Output goes to the terminal and, when $OUT is set, to
-# $OUT/gpu_log.txt with the result tables beside it. About 7 min on an H100 (4 of them the
+# $OUT/gpu_log.txt with the result tables beside it. About 8 min on an H100 (4 of them the
 # crowded-field run, peers included), plus the machine's start.
 #
 #     bash benchmarks/gpu_check.sh            # from the repository root
