@@ -66,6 +66,9 @@ def _high_pass(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+# `detect`'s threshold, in standard deviations of the matched-filtered image.
+DEFAULT_THRESHOLD = 5.0
+
 # White noise of standard deviation s comes out of `_high_pass` with standard deviation 6 s.
 _HIGH_PASS_GAIN = 6.0
 
@@ -605,7 +608,7 @@ def detect(
     if noise is None:
         noise = estimate_noise(img, valid)
     noise = float(noise)
-    threshold = 5.0 if threshold is None else float(threshold)
+    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     options = (int(min_distance), exclude_border)
     if background is None:
         bg = estimate_background(img, valid, sigma=sigma)

@@ -13,7 +13,13 @@ import warnings
 import numpy as np
 
 from ._catalog import COLUMNS, Catalog, empty_columns, model_image
-from ._detect import detect, estimate_background, estimate_noise, estimate_sigma
+from ._detect import (
+    DEFAULT_THRESHOLD,
+    detect,
+    estimate_background,
+    estimate_noise,
+    estimate_sigma,
+)
 from ._fit import fit_regions
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
@@ -46,10 +52,6 @@ def saturation_message(n: int, level: float) -> str:
         f"{n} saturated pixel(s) (>= {level:g}) are masked; stars with masked cores are fitted "
         "on their wings (meta['saturation']; saturation=np.inf keeps the pixels)"
     )
-
-
-def _threshold(threshold):
-    return 5.0 if threshold is None else float(threshold)  # (`detect`'s default)
 
 
 def _warn(message: str) -> None:
@@ -402,9 +404,9 @@ def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset
     bg_map = estimate_background(img, good, sigma=guess)
     det_kw = dict(mask=good, threshold=threshold, noise=noise_level)
     det = detect(img, guess, background=bg_map, **det_kw)
-    stars = seed_holes(img, good, bg_map, noise_level, guess)
     free_shape = False
     if sigma is None:
+        stars = seed_holes(img, good, bg_map, noise_level, guess)
         bright = clear_rims(det, stars, 2 * guess)  # a hole's rim is no star to measure
         if bright["x"].size == 0 and stars["x"].size == 0:
             return None
@@ -620,7 +622,8 @@ def fit_image(
                 r = np.clip(np.rint(new["y"]).astype(int), 0, shape[0] - 1)
                 c = np.clip(np.rint(new["x"]).astype(int), 0, shape[1] - 1)
                 lifted = np.hypot(noise_level, psf_error * model[r, c]) / noise_level
-                new = {k: v[new["snr"] / lifted >= _threshold(threshold)] for k, v in new.items()}
+                level = DEFAULT_THRESHOLD if threshold is None else threshold
+                new = {k: v[new["snr"] / lifted >= level] for k, v in new.items()}
             near_new = np.zeros(kept["x"].size, bool)
             if new["x"].size and kept["x"].size:
                 d2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (

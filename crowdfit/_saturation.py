@@ -22,11 +22,11 @@ __all__ = ["saturation_level", "seed_holes", "clear_rims"]
 # exactly the image's maximum (integer counts below a converter's limit tie by chance more
 # often, so they need more)...
 _MIN_PLATEAU, _MIN_PLATEAU_COUNTS = 2, 4
-# The limits of 8- to 32-bit converters, 2^k - 1 and 2^k.
-_ADC_LIMITS = {float(2**k - d) for k in range(8, 33) for d in (0, 1)}
 # ...this many noise standard deviations above the median (a low-count integer image repeats
 # its maximum by chance).
 _MIN_HEIGHT = 20.0
+# The limits of 8- to 32-bit converters, 2^k - 1 and 2^k.
+_ADC_LIMITS = {float(2**k - d) for k in range(8, 33) for d in (0, 1)}
 # A masked hole sits in a star when its rim's median is this many noise σ above the background,
 _MIN_RIM = 20.0
 # and it is no larger than a disc of this many PSF widths in radius (a star that bright is

@@ -34,12 +34,11 @@ def find_spikes(image, sigma, noise, *, mask=None, background=None,
     `a_x = m_x / r_x` along x; likewise along y. The pixel is a spike when, along x or along y,
     `d > ratio · a` and `d − a > threshold · noise · √(1 + 1 / r²)` (the noise of the
     difference); an axis along which a neighbour is missing (an edge, a masked pixel) does not
-    count. Pure Gaussian noise gives a
-    false spike with probability under 1e-13 per pixel at the defaults; a hot pixel of `H`
-    counts is found from `H ≈ 7.6 noise` on an empty sky at σ = 2, far below where the detector
-    would report it (`H ≈ 18 noise`), and on a star once it exceeds `1.27×` the star's peak. A
-    hot column or a cosmic-ray track one pixel wide is found along its width; a blob two pixels
-    wide both ways is not.
+    count. Pure Gaussian noise gives a false spike with probability under 1e-13 per pixel at
+    the defaults; a hot pixel of `H` counts is found from `H ≈ 7.6 noise` on an empty sky at
+    σ = 2, far below where the detector would report it (`H ≈ 18 noise`), and on a star once it
+    exceeds `1.27×` the star's peak. A hot column or a cosmic-ray track one pixel wide is found
+    along its width; a blob two pixels wide both ways is not.
 
     **Arguments:**
 
