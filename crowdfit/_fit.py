@@ -210,6 +210,8 @@ def _errors(problem, sd, valid):
 
 # Cumulative iteration budgets after which a staged fit sets its finished regions aside.
 _STAGES = (8, 20)
+# Stage host-prepared fits on a GPU too (an experiment: `benchmarks/profile_fit_image.py`).
+_STAGE_OFF_CPU = False
 
 
 def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
@@ -529,7 +531,7 @@ def fit_regions(
     inputs = (images, mask_f, weights, known, valid, held, params)
     # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
     # (under jit, grad or vmap) and the other solvers run in one go.
-    staged = host and solver == "lm" and adjoint == "implicit" and _on_cpu()
+    staged = host and solver == "lm" and adjoint == "implicit" and (_on_cpu() or _STAGE_OFF_CPU)
     # Regions whose Gauss–Newton matrix is separable (most, when any) are fitted by their own
     # program, the others (masked pixels inside a window, uneven weights) by the general one.
     fast = _separable_regions(psf, noise_model, mask, weights)

@@ -380,6 +380,36 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     return out
 
 
+def _residual_peaks(img, good, cat, psf, width, stars, psf_error, noise_level, det_kw):
+    """Hidden neighbours: significant peaks left in the residual of the catalog `cat`, not
+    within a PSF width of one of its sources.
+
+    **Returns:** `(model, background_map, new, near_new)`: the catalog's model image, the
+    residual's smooth background, the new detections, and `(N,)` True for the catalog's
+    sources within 2 widths of a new one.
+    """
+    shape = img.shape
+    model = model_image(cat, shape, psf=psf)
+    bg_map = estimate_background(img - model, good, sigma=width)
+    new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
+    new = clear_rims(new, stars, 1.0)  # the rim itself (the fit there is poorest)
+    if psf_error > 0 and new["x"].size:  # the residual's noise includes the PSF error
+        r = np.clip(np.rint(new["y"]).astype(int), 0, shape[0] - 1)
+        c = np.clip(np.rint(new["x"]).astype(int), 0, shape[1] - 1)
+        lifted = np.hypot(noise_level, psf_error * model[r, c]) / noise_level
+        threshold = det_kw["threshold"]
+        level = DEFAULT_THRESHOLD if threshold is None else threshold
+        new = {k: v[new["snr"] / lifted >= level] for k, v in new.items()}
+    near_new = np.zeros(cat["x"].size, bool)
+    if new["x"].size and cat["x"].size:
+        d2 = (new["x"][:, None] - cat["x"][None]) ** 2 + (new["y"][:, None] - cat["y"][None]) ** 2
+        apart = d2.min(1) > width**2
+        new = {k: v[apart] for k, v in new.items()}
+        if apart.any():
+            near_new = d2[apart].min(0) < (2 * width) ** 2
+    return model, bg_map, new, near_new
+
+
 def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset, meta):
     """Noise, background and detections for the first fit, with the image's bad pixels masked:
     saturated pixels (at or above `saturation`, in the units of the image before `offset` was
@@ -462,7 +492,8 @@ def fit_image(
     of at most `max_sources` sources and `max_window` pixels a side (neighbours just outside a
     region are fitted with it but reported by their own region), and all regions are fitted in
     batches, each a sum of Gaussians plus one shared background; the field is fitted twice
-    before anything is judged, so that every neighbour's light comes from its own fit. Then,
+    before anything is judged (the second time with the peaks of the first fit's residual
+    added), so that every neighbour's light comes from its own fit. Then,
     for up to `rounds` rounds, the residual image is searched for hidden neighbours; with
     `split`, sources whose residual shows the quadrupole of an unresolved pair are tested as
     two sources against one (a likelihood-ratio test, see `crowdfit._split`); sources that are
@@ -587,8 +618,20 @@ def fit_image(
             free_shape = False
         if fits < 2:
             # Refit with the shared width, and with every neighbour's light from its fit rather
-            # than its detection guess, before judging anything.
-            src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
+            # than its detection guess, before judging anything. The hidden neighbours the first
+            # fit's residual shows join that refit, unjudged (measured at 0.1-0.3 stars/FWHM²:
+            # Jaccard +0.002-0.007, mean flux error down by up to 0.4 points, time unchanged).
+            ok = np.isfinite(cat["x"]) & np.isfinite(cat["y"]) & (cat["flux"] > 0)
+            fitted = {c: v[ok] for c, v in cat.items()}
+            _, bg_map, new, _ = _residual_peaks(
+                img, good, fitted, psf, width, stars, psf_error, noise_level, det_kw
+            )  # fmt: skip
+            src = dict(
+                x=np.concatenate([fitted["x"], new["x"]]),
+                y=np.concatenate([fitted["y"], new["y"]]),
+                flux=np.concatenate([fitted["flux"], np.maximum(new["flux_guess"], 1.0)]),
+                background_map=bg_map,
+            )
             continue
         test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise)
         # Judged with the error a source inherits from its neighbours' PSF error, too.
@@ -613,26 +656,8 @@ def fit_image(
         new = {"x": np.zeros(0), "y": np.zeros(0), "flux_guess": np.zeros(0)}
         parents, kids = np.zeros(0, int), {k: np.zeros(0) for k in ("x", "y", "flux")}
         if meta["rounds"] < rounds:
-            # Hidden neighbours: significant peaks left in the residual.
-            model = model_image(kept, shape, psf=psf)
-            bg_map = estimate_background(img - model, good, sigma=width)
-            new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
-            new = clear_rims(new, stars, 1.0)  # the rim itself (the fit there is poorest)
-            if psf_error > 0 and new["x"].size:  # the residual's noise includes the PSF error
-                r = np.clip(np.rint(new["y"]).astype(int), 0, shape[0] - 1)
-                c = np.clip(np.rint(new["x"]).astype(int), 0, shape[1] - 1)
-                lifted = np.hypot(noise_level, psf_error * model[r, c]) / noise_level
-                level = DEFAULT_THRESHOLD if threshold is None else threshold
-                new = {k: v[new["snr"] / lifted >= level] for k, v in new.items()}
-            near_new = np.zeros(kept["x"].size, bool)
-            if new["x"].size and kept["x"].size:
-                d2 = (new["x"][:, None] - kept["x"][None]) ** 2 + (
-                    new["y"][:, None] - kept["y"][None]
-                ) ** 2
-                apart = d2.min(1) > width**2
-                new = {k: v[apart] for k, v in new.items()}
-                if apart.any():
-                    near_new = d2[apart].min(0) < (2 * width) ** 2
+            model, bg_map, new, near_new = _residual_peaks(img, good, kept, psf, width, stars,
+                                                           psf_error, noise_level, det_kw)
             if split and kept["x"].size:
                 # Unresolved pairs: one source the residual says is two (see `_split`); not
                 # next to a new residual peak, which explains its residual better.
