@@ -36,8 +36,6 @@ run() {  # run STEP_SECONDS CMD...: bounded, its output teed, its exit status no
     run 60 "$PY" -c "import jax, crowdfit; print('jax', jax.__version__, jax.default_backend(), jax.devices())"
     run 270 "$PY" benchmarks/crowded_field.py --out "${OUT:-/tmp}/crowded_field_gpu.md"
     run 75 "$PY" benchmarks/profile_fit_image.py --density 0.3 --top 25
-    # fit_image's small batches padded to 4096 regions per call, or to 512: warm against first
-    run 75 "$PY" benchmarks/profile_fit_image.py --density 0.3 --top 5 --chunk 512
     run 120 "$PY" benchmarks/fit_throughput.py --gpu
     if [ -n "${OUT:-}" ] && [ -f benchmarks/results/fit_throughput_gpu.md ]; then
         cp benchmarks/results/fit_throughput_gpu.md "$OUT/"

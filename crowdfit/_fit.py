@@ -51,17 +51,19 @@ def _default_sizes(work: int, n: int = 0) -> tuple[int, int]:
     bounds the padding of a small batch); single spots in small windows (`work <= 256`) cost
     so little per region that the per-call overhead dominates, and go 1024 at a time, in pieces
     of 16384 (staging gathers a piece's slow regions into full chunks). A GPU wants big
-    batches at once: chunks of 4096 (a batch of a few thousand regions, such as `fit_image`'s,
-    compiles one program), growing by powers of 4 with the batch up to 65536 for small
-    regions (on an H100, a million 7×7 spots ran at 0.7 × 10^6 fits/s in chunks of 4096 and
-    1.5 × 10^6 in chunks of 65536), 16384 for regions of up to 2048 and 4096 beyond.
+    batches at once, but every padded region steps as long as the slowest real one: the chunk
+    is the largest 512 · 4^j not above the batch (at least 512), up to 65536 regions for small
+    regions, 16384 for regions of up to 2048 and 4096 beyond. On an H100, a million 7×7 spots
+    ran at 0.7 × 10^6 fits/s in chunks of 4096 and 1.5 × 10^6 in chunks of 65536, and a warm
+    `fit_image` at 0.3 stars/FWHM² (batches of a few hundred regions) took 2.6 s in chunks of
+    512 against 3.2 s in chunks of 4096 (staging there cost more: 2.9 s).
     """
     if not _on_cpu():
         cap = 65536 if work <= 256 else 16384 if work <= 2048 else 4096
-        chunk = 4096
-        while chunk < min(n, cap):
+        chunk = 512
+        while chunk * 4 <= n:
             chunk *= 4
-        return chunk, 4 * cap  # (a bucket pads a piece to chunk · 4^j: at most 4× here)
+        return min(chunk, cap), 4 * cap  # (a bucket pads a piece to chunk · 4^j: at most 4×)
     if work <= 256:
         return 1024, 16384
     chunk = 64
@@ -210,8 +212,6 @@ def _errors(problem, sd, valid):
 
 # Cumulative iteration budgets after which a staged fit sets its finished regions aside.
 _STAGES = (8, 20)
-# Stage host-prepared fits on a GPU too (an experiment: `benchmarks/profile_fit_image.py`).
-_STAGE_OFF_CPU = False
 
 
 def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
@@ -390,8 +390,8 @@ def fit_regions(
       NaN. `"unroll"`: differentiate through exactly `max_iter` solver steps; it agrees where
       every fit converges within them, at many times the time, memory and compile time.
     - `chunk_size`: regions vmapped together (default on CPU 64, fewer for big regions and 1024
-      for single sources in windows of up to 16×16; on GPU 4096, growing by powers of 4 with
-      the batch up to 65536 for small regions).
+      for single sources in windows of up to 16×16; on GPU the largest 512 · 4^j not above
+      the batch, up to 65536 for small regions; see `_default_sizes`).
     - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
       in windows of up to 16×16; on GPU 4 times the largest chunk); bigger inputs are fitted
       piece by piece.
@@ -531,7 +531,7 @@ def fit_regions(
     inputs = (images, mask_f, weights, known, valid, held, params)
     # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
     # (under jit, grad or vmap) and the other solvers run in one go.
-    staged = host and solver == "lm" and adjoint == "implicit" and (_on_cpu() or _STAGE_OFF_CPU)
+    staged = host and solver == "lm" and adjoint == "implicit" and _on_cpu()
     # Regions whose Gauss–Newton matrix is separable (most, when any) are fitted by their own
     # program, the others (masked pixels inside a window, uneven weights) by the general one.
     fast = _separable_regions(psf, noise_model, mask, weights)

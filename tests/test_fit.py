@@ -620,10 +620,10 @@ def test_numpy_inputs_off_the_cpu(monkeypatch):
     cpu = crowdfit.fit_regions(img, init, **kw)
     calls = []
     monkeypatch.setattr(_fit, "_on_cpu", lambda: False)
-    # GPU chunks: 4096, growing by powers of 4 with the batch, capped by the region's work.
+    # GPU chunks: the largest 512 · 4^j not above the batch, capped by the region's work.
     sizes = [_fit._default_sizes(w, n) for w, n in ((49, 10), (49, 5000), (49, 10**6),
                                                     (2048, 10**6), (8192, 10**6))]  # fmt: skip
-    assert sizes == [(4096, 2**18), (16384, 2**18), (65536, 2**18), (16384, 2**16),
+    assert sizes == [(512, 2**18), (2048, 2**18), (65536, 2**18), (16384, 2**16),
                      (4096, 2**14)]  # fmt: skip
     real = _fit._run
 
@@ -633,7 +633,7 @@ def test_numpy_inputs_off_the_cpu(monkeypatch):
 
     monkeypatch.setattr(_fit, "_run", spy)
     other = crowdfit.fit_regions(img, init, **kw)
-    assert calls == [(img.shape[0], 4096)]  # the GPU default: one call
+    assert calls == [(img.shape[0], 512)]  # the GPU default: one call
     np.testing.assert_array_equal(other.status, cpu.status)
     for n in ("x", "y", "flux"):
         diff = np.abs(np.asarray(other.params[n]) - np.asarray(cpu.params[n]))
