@@ -35,6 +35,9 @@ _K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
+# The residual's smooth background is estimated again only when more than this fraction of the
+# sources were added, removed or split since it was.
+_BACKGROUND_STALE = 0.02
 # Set by `crowdfit.dask`'s tile tasks: the caller reports masked spikes and saturated pixels
 # once for the whole image, not every tile on its own thread.
 _QUIET = threading.local()
@@ -380,9 +383,11 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     return out
 
 
-def _residual_peaks(img, good, cat, psf, width, stars, psf_error, noise_level, det_kw):
+def _residual_peaks(img, good, cat, psf, width, stars, psf_error, noise_level, det_kw,
+                    background=None):  # fmt: skip
     """Hidden neighbours: significant peaks left in the residual of the catalog `cat`, not
-    within a PSF width of one of its sources.
+    within a PSF width of one of its sources. `background`: the residual's smooth background
+    when it is known (else estimated).
 
     **Returns:** `(model, background_map, new, near_new)`: the catalog's model image, the
     residual's smooth background, the new detections, and `(N,)` True for the catalog's
@@ -390,7 +395,9 @@ def _residual_peaks(img, good, cat, psf, width, stars, psf_error, noise_level, d
     """
     shape = img.shape
     model = model_image(cat, shape, psf=psf)
-    bg_map = estimate_background(img - model, good, sigma=width)
+    bg_map = background
+    if bg_map is None:
+        bg_map = estimate_background(img - model, good, sigma=width)
     new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
     new = clear_rims(new, stars, 1.0)  # the rim itself (the fit there is poorest)
     if psf_error > 0 and new["x"].size:  # the residual's noise includes the PSF error
@@ -596,6 +603,9 @@ def fit_image(
     fit_kw = dict(background=background, noise=noise, max_sources=max_sources,
                   max_window=max_window, progress_bar=progress_bar)  # fmt: skip
     cat, n_regions, keep, fits, last_protect = None, 0, None, 0, None
+    # Sources added, removed or split since `bg_map` was estimated on a residual (the smooth
+    # background hardly moves when a few do: it is then reused, see `_BACKGROUND_STALE`).
+    bg_changes = np.inf
     for _ in range(rounds + 4):  # two first fits, `rounds` searches, refits after pruning
         if src["x"].size == 0:
             cat, keep = empty_columns(), None
@@ -626,6 +636,7 @@ def fit_image(
             _, bg_map, new, _ = _residual_peaks(
                 img, good, fitted, psf, width, stars, psf_error, noise_level, det_kw
             )  # fmt: skip
+            bg_changes = np.inf  # (the second fit moves every source)
             src = dict(
                 x=np.concatenate([fitted["x"], new["x"]]),
                 y=np.concatenate([fitted["y"], new["y"]]),
@@ -656,8 +667,12 @@ def fit_image(
         new = {"x": np.zeros(0), "y": np.zeros(0), "flux_guess": np.zeros(0)}
         parents, kids = np.zeros(0, int), {k: np.zeros(0) for k in ("x", "y", "flux")}
         if meta["rounds"] < rounds:
-            model, bg_map, new, near_new = _residual_peaks(img, good, kept, psf, width, stars,
-                                                           psf_error, noise_level, det_kw)
+            fresh = bg_changes > _BACKGROUND_STALE * kept["x"].size
+            model, bg_map, new, near_new = _residual_peaks(
+                img, good, kept, psf, width, stars, psf_error, noise_level, det_kw,
+                background=None if fresh else bg_map,
+            )  # fmt: skip
+            bg_changes = 0 if fresh else bg_changes
             if split and kept["x"].size:
                 # Unresolved pairs: one source the residual says is two (see `_split`); not
                 # next to a new residual peak, which explains its residual better.
@@ -672,6 +687,7 @@ def fit_image(
         stay[parents] = False
         meta["splits"] += parents.size
         n_new = kids["x"].size + new["x"].size
+        bg_changes += n_new + (~keep).sum()
         src = dict(
             x=np.concatenate([kept["x"][stay], kids["x"].ravel(), new["x"]]),
             y=np.concatenate([kept["y"][stay], kids["y"].ravel(), new["y"]]),
@@ -697,9 +713,9 @@ def fit_image(
         cat = {c: v[keep] for c, v in cat.items()}
         order = np.lexsort((cat["x"], cat["y"]))
         cat = {c: v[order] for c, v in cat.items()}
-    model = model_image(cat, shape, psf=psf)
+    if bg_changes > _BACKGROUND_STALE * len(cat["x"]):  # (else the last search's is current)
+        bg_map = estimate_background(img - model_image(cat, shape, psf=psf), good, sigma=width)
     meta.update(
-        sigma=sigma, n_regions=n_regions, noise_level=noise_level,
-        background_image=estimate_background(img - model, good, sigma=width) + offset,
+        sigma=sigma, n_regions=n_regions, noise_level=noise_level, background_image=bg_map + offset
     )  # fmt: skip
     return Catalog(cat, meta)
