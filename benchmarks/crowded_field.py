@@ -6,7 +6,9 @@ background of 5 with Gaussian noise of sigma 5), at densities up to 0.3 stars pe
 (FWHM = 2.3548 sigma). Each is set up as a careful user would (see `_peers.py`):
 
 * **crowdfit** `fit_image(image, sigma=2.0)`: known sigma; it estimates the noise and the
-  background itself and fits a constant background per region.
+  background itself and fits a constant background per region. *crowdfit fast* is the same
+  call with `rounds=1, split=False` (one residual search, no likelihood-ratio tests): the
+  speed end of its dial, measured in the same process after the default.
 * **seed** `_peers.seed_curve_fit(image, num_peaks=max(default, 2 N))`: peak_local_max (a
   generous number of candidates, min_distance 5) + one 7-parameter rotated Gaussian per crop
   (the seed's own method fits its width and offset; it has no way to use the known sigma).
@@ -57,6 +59,9 @@ FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0)) * SIGMA
 FLUX = 100.0 * 2.0 * math.pi * SIGMA**2
 BACKGROUND = 5.0
 NOISE = 5.0
+# crowdfit's settings: the default, and the fast end of its speed/accuracy dial.
+CROWDFIT_CONFIGS = {"crowdfit": {}, "crowdfit_fast": dict(rounds=1, split=False)}
+OURS = tuple(CROWDFIT_CONFIGS)
 # The closest pair of two equal stars that a likelihood-ratio test at threshold 20 (crowdfit's)
 # can split: to leading order in the separation d, the pair's residual quadrupole and its
 # isotropic broadening each give χ² = f² d⁴ / (1024 π σ⁶ N²) (f the pair's flux, N the noise),
@@ -65,6 +70,7 @@ D_MIN = (20.0 * 512.0 * math.pi * SIGMA**6 * NOISE**2 / (2.0 * FLUX) ** 2) ** 0.
 PEERS = ("seed", "photutils", "photutils_iter", "crowdsource")
 LABELS = {
     "crowdfit": "crowdfit fit_image",
+    "crowdfit_fast": "crowdfit fit_image, rounds=1, split=False",
     "seed": "seed curve_fit loop",
     "photutils": "photutils PSFPhotometry",
     "photutils_iter": "photutils IterativePSFPhotometry",
@@ -82,24 +88,27 @@ def _load_field(path):
         return f["image"], {k[6:]: f[k] for k in f.files if k.startswith("truth_")}
 
 
-def worker_crowdfit(fields: list[str], out_dir: str) -> None:
-    """All densities in this (fresh) process: first call, then a second on the same field."""
+def worker_crowdfit(fields: list[str], out_dir: str, configs=("crowdfit",)) -> None:
+    """All densities in this (fresh) process: for each of crowdfit's `configs`
+    (`CROWDFIT_CONFIGS`), a first call, then a second on the same field."""
     t0 = time.perf_counter()
     import jax
 
     import crowdfit
 
     t_import = time.perf_counter() - t0
-    for i, path in enumerate(fields):
+    for (i, path), name in ((f, c) for f in enumerate(fields) for c in configs):
         image, _ = _load_field(path)
         times = []
         for _ in range(2):
             t0 = time.perf_counter()
-            cat = crowdfit.fit_image(image, sigma=SIGMA, progress_bar=False)
+            cat = crowdfit.fit_image(
+                image, sigma=SIGMA, progress_bar=False, **CROWDFIT_CONFIGS[name]
+            )  # fmt: skip
             times.append(time.perf_counter() - t0)
         cols = {c: np.asarray(cat[c], float) for c in ("x", "y", "flux", "status", "snr")}
         np.savez(
-            Path(out_dir, f"crowdfit_{i}.npz"),
+            Path(out_dir, f"{name}_{i}.npz"),
             **cols,
             cold_s=times[0],
             warm_s=times[1],
@@ -115,7 +124,7 @@ def worker_crowdfit(fields: list[str], out_dir: str) -> None:
                 }
             ),
         )
-        print(f"    crowdfit field {i}: first {times[0]:.1f} s, second {times[1]:.1f} s")
+        print(f"    {name} field {i}: first {times[0]:.1f} s, second {times[1]:.1f} s")
         sys.stdout.flush()
 
 
@@ -278,7 +287,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="256x256 fields (default 512x512)")
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.3])
-    ap.add_argument("--methods", nargs="+", default=["crowdfit", *PEERS])
+    ap.add_argument("--methods", nargs="+", default=[*OURS, *PEERS])
     ap.add_argument(
         "--limit",
         type=float,
@@ -294,7 +303,8 @@ def main(argv=None):
     if args.worker:
         method, *rest = args.worker
         if method == "crowdfit":
-            worker_crowdfit(rest[:-1], rest[-1])
+            configs, rest = rest[0].split(","), rest[1:]
+            worker_crowdfit(rest[:-1], rest[-1], configs)
         else:
             worker_peer(method, rest[0], rest[1])
         return
@@ -329,24 +339,26 @@ def main(argv=None):
     status: dict = {m: [""] * len(fields) for m in args.methods}
     versions = {}
 
-    if "crowdfit" in args.methods:
-        print("crowdfit (one fresh process, all densities)", flush=True)
+    ours = [m for m in OURS if m in args.methods]
+    if ours:
+        print(f"{', '.join(ours)} (one fresh process, all densities)", flush=True)
         # crowdfit is ours: no per-density skip, but a generous overall limit
-        ok, wall, info = _run([py, me, "--worker", "crowdfit", *fields, tmp.name],
+        ok, wall, info = _run([py, me, "--worker", "crowdfit", ",".join(ours), *fields, tmp.name],
                               timeout=max(timeout * len(fields), 1800))  # fmt: skip
-        for i in range(len(fields)):
-            p = Path(tmp.name, f"crowdfit_{i}.npz")
-            if p.exists():
-                with np.load(p) as f:
-                    results["crowdfit"][i] = {k: f[k] for k in f.files}
-                versions = json.loads(str(results["crowdfit"][i]["versions"]))
-            else:
-                status["crowdfit"][i] = "failed" if ok is False else f"timed out (> {wall:.0f} s)"
+        for m in ours:
+            for i in range(len(fields)):
+                p = Path(tmp.name, f"{m}_{i}.npz")
+                if p.exists():
+                    with np.load(p) as f:
+                        results[m][i] = {k: f[k] for k in f.files}
+                    versions = json.loads(str(results[m][i]["versions"]))
+                else:
+                    status[m][i] = "failed" if ok is False else f"timed out (> {wall:.0f} s)"
         if ok is False:
             print(f"  crowdfit worker failed: {info}", flush=True)
 
     for method in args.methods:
-        if method == "crowdfit":
+        if method in OURS:
             continue
         print(method, flush=True)
         skip_reason = None
@@ -385,7 +397,7 @@ def main(argv=None):
                 s = score(truth, r)
                 matches[method] = s.pop("match")
                 row.update(s)
-                if method == "crowdfit":
+                if method in OURS:
                     row["time_s"] = float(r["warm_s"])
                     row["cold_s"] = float(r["cold_s"])
                 else:
@@ -400,7 +412,7 @@ def main(argv=None):
                     row["note"] = ", ".join(extras)
             rows.append(row)
         if "crowdfit" in matches:
-            others = {k: v for k, v in matches.items() if k != "crowdfit"}
+            others = {k: v for k, v in matches.items() if k not in OURS}
             a = miss_analysis(truth, results["crowdfit"][i], matches["crowdfit"], others)
             a["density"] = dens
             analyses.append(a)
@@ -499,7 +511,7 @@ def report(args, size, limit, timeout, rows, analyses, versions, elapsed) -> str
             )
             continue
         t = f"{r['time_s']:.1f}"
-        if r["method"] == "crowdfit":
+        if r["method"] in OURS:
             t = f"{r['time_s']:.1f} warm / {r['cold_s']:.1f} first"
         lines.append(
             f"| {r['density']:g} | {r['n_true']} | {LABELS[r['method']]} | {r['n_found']} | "
@@ -548,6 +560,10 @@ def report(args, size, limit, timeout, rows, analyses, versions, elapsed) -> str
             seed = [r for r in peers_all if r["method"] == "seed"]
             if seed:
                 s += f"; {seed[0]['time_s'] / cf['time_s']:.2f}× vs the seed loop"
+            fast = by.get((d, "crowdfit_fast"))
+            if fast is not None and "time_s" in fast:
+                s += (f"; fast setting {fastest['time_s'] / fast['time_s']:.2f}×, Jaccard "
+                      f"{fast['jaccard']:.3f}")  # fmt: skip
             s += ")"
         else:
             s = "– (no peer timing)"
