@@ -7,6 +7,7 @@ import pytest
 
 import crowdfit
 from crowdfit._cli import main as cli_main
+from crowdfit._detect import estimate_background
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,20 @@ def test_model_and_residual(seed_field, seed_catalog):
     assert np.std(resid) == pytest.approx(5.0, rel=0.05)
     model = crowdfit.model_image(seed_catalog, image.shape)
     assert model.sum() == pytest.approx(seed_catalog["flux"].sum(), rel=0.01)
+
+
+def test_background_image_follows_a_gradient(seed_field):
+    # meta["background_image"]: the smooth background under the sources, reused from the last
+    # residual search while few sources changed since; it follows a gradient all the same.
+    image, _ = seed_field
+    yy, xx = np.mgrid[: image.shape[0], : image.shape[1]]
+    gradient = 0.02 * xx + 0.01 * yy
+    cat = crowdfit.fit_image(image + gradient, sigma=2.0)
+    bg = cat.meta["background_image"]
+    assert np.sqrt(np.mean((bg - (5.0 + gradient)) ** 2)) < 0.5  # noise 5
+    model = crowdfit.model_image(cat, image.shape)
+    fresh = estimate_background(image + gradient - model, sigma=2.0)
+    np.testing.assert_allclose(bg, fresh, atol=0.25)
 
 
 def test_bad_pixels_are_masked_with_a_warning():
