@@ -54,7 +54,8 @@ class Region:
 
 
 def _pairs_within(x: np.ndarray, y: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs `i < j` closer than `radius`, hashing positions onto a grid of that cell size."""
+    """All pairs closer than `radius`, each once (in either order), hashing positions onto a grid
+    of that cell size."""
     n = x.size
     cx = np.floor(x / radius).astype(np.int64)
     cy = np.floor(y / radius).astype(np.int64)

@@ -352,23 +352,29 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     weak = np.where(weak if only is None else weak & only)[0]
     if weak.size == 0 or ok.sum() < 2:
         return out
+    # Each weak source's (up to 3) closest usable neighbours within 2 widths, nearest first,
+    # from the close pairs alone (a dense weak × all distance matrix would take gigabytes on a
+    # 2048² field of 40 000 stars).
     others = np.where(ok)[0]
-    d2 = (cat["x"][weak, None] - cat["x"][others]) ** 2 + (
-        cat["y"][weak, None] - cat["y"][others]
-    ) ** 2
-    d2[others[None, :] == weak[:, None]] = np.inf
-    if others.size > 3:  # the 3 closest, in order, without sorting every row
-        d2 = np.where(d2 < (2 * width) ** 2, d2, np.inf)
-        part = np.argpartition(d2, 2, axis=1)[:, :3]
-        order = np.take_along_axis(part, np.argsort(np.take_along_axis(d2, part, 1), 1), 1)
-    else:
-        order = np.argsort(d2, axis=1)[:, :3]
-    near = np.take_along_axis(d2, order, axis=1) < (2 * width) ** 2
+    a, b = _pairs_within(cat["x"][others], cat["y"][others], 2 * width)
+    first, second = np.concatenate([others[a], others[b]]), np.concatenate([others[b], others[a]])
+    is_weak = np.zeros(n, bool)
+    is_weak[weak] = True
+    first, second = first[is_weak[first]], second[is_weak[first]]
+    d2 = (cat["x"][first] - cat["x"][second]) ** 2 + (cat["y"][first] - cat["y"][second]) ** 2
+    order = np.lexsort((d2, first))
+    first, second, d2 = first[order], second[order], d2[order]
+    rank = np.arange(first.size) - np.searchsorted(first, first)
+    closest = rank == 0
     # Closer than half a width the merge rule of `_prune` decides.
-    test = near[:, 0] & (d2.min(1) >= (0.5 * width) ** 2)
-    i, nb, near = weak[test], others[order[test]], near[test]
+    i = first[closest & (d2 >= (0.5 * width) ** 2)]
     if i.size == 0:
         return out
+    take = (rank < 3) & np.isin(first, i)
+    row, col = np.searchsorted(i, first[take]), rank[take]
+    nb = np.repeat(i[:, None], 3, axis=1)  # (padding slots point at the source itself)
+    near = np.zeros((i.size, 3), bool)
+    nb[row, col], near[row, col] = second[take], True
     members = np.column_stack([i, nb])  # (C, 4): the weak source, then its neighbours
     valid = np.column_stack([np.ones(i.size, bool), near])
     p = {k: np.where(valid, cat[k][members], 0.0) for k in ("x", "y", "flux")}
@@ -408,12 +414,18 @@ def _residual_peaks(img, good, cat, psf, width, stars, psf_error, noise_level, d
         level = DEFAULT_THRESHOLD if threshold is None else threshold
         new = {k: v[new["snr"] / lifted >= level] for k, v in new.items()}
     near_new = np.zeros(cat["x"].size, bool)
-    if new["x"].size and cat["x"].size:
-        d2 = (new["x"][:, None] - cat["x"][None]) ** 2 + (new["y"][:, None] - cat["y"][None]) ** 2
-        apart = d2.min(1) > width**2
+    if new["x"].size and cat["x"].size:  # (close pairs only: no dense new × catalog matrix)
+        n_new = new["x"].size
+        a, b = _pairs_within(np.concatenate([new["x"], cat["x"]]),
+                             np.concatenate([new["y"], cat["y"]]), 2 * width)  # fmt: skip
+        a, b = np.minimum(a, b), np.maximum(a, b)  # (a pair's order is arbitrary)
+        cross = (a < n_new) & (b >= n_new)
+        i, j = a[cross], b[cross] - n_new
+        d2 = (new["x"][i] - cat["x"][j]) ** 2 + (new["y"][i] - cat["y"][j]) ** 2
+        apart = np.ones(n_new, bool)
+        apart[i[d2 <= width**2]] = False
         new = {k: v[apart] for k, v in new.items()}
-        if apart.any():
-            near_new = d2[apart].min(0) < (2 * width) ** 2
+        near_new[j[apart[i]]] = True
     return model, bg_map, new, near_new
 
 

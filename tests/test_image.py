@@ -7,6 +7,7 @@ import pytest
 
 import crowdfit
 from crowdfit._cli import main as cli_main
+from crowdfit._catalog import COLUMNS
 from crowdfit._detect import estimate_background
 
 
@@ -241,3 +242,49 @@ def test_width_estimate_ignores_the_blends_tail():
     assert abs(_core_median(widths) - 2.0) < 0.015
     clean = rng.normal(2.0, 0.04, 300)
     assert abs(_core_median(clean) - np.median(clean)) < 0.01
+
+
+def test_neighbour_searches_match_brute_force(monkeypatch):
+    # `_residual_peaks` and `_warranted` find close pairs on a grid (`_pairs_within`, pairs in
+    # either order), not from dense distance matrices; they must agree with the brute force.
+    from crowdfit import _image
+
+    rng = np.random.default_rng(3)
+    width, shape = 2.0, (64, 64)
+    cat = {c: np.zeros(300) for c in COLUMNS}
+    cat.update(x=rng.uniform(0, 63, 300), y=rng.uniform(0, 63, 300), flux=rng.uniform(1, 9, 300),
+               sigma_x=np.full(300, 2.0), sigma_y=np.full(300, 2.0))  # fmt: skip
+    cat["snr"] = rng.uniform(0, 10, 300)
+    peaks = dict(x=rng.uniform(0, 63, 80), y=rng.uniform(0, 63, 80), snr=np.full(80, 50.0),
+                 flux_guess=np.ones(80))  # fmt: skip
+    monkeypatch.setattr(_image, "detect", lambda *a, **k: dict(peaks))
+    kw = dict(mask=np.ones(shape, bool), threshold=None, noise=1.0)
+    no_stars = dict(x=np.zeros(0), y=np.zeros(0), radius=np.zeros(0))
+    _, _, new, near_new = _image._residual_peaks(
+        np.zeros(shape), np.ones(shape, bool), cat, crowdfit.get_psf("gaussian"), width,
+        no_stars, 0.0, 1.0, kw,
+    )  # fmt: skip
+    d = np.hypot(peaks["x"][:, None] - cat["x"], peaks["y"][:, None] - cat["y"])
+    apart = d.min(1) > width
+    np.testing.assert_array_equal(new["x"], peaks["x"][apart])
+    np.testing.assert_array_equal(near_new, d[apart].min(0) < 2 * width)
+
+    seen = {}
+
+    def fake_test(img, good, model, removed, smaller, larger, background, **kw):
+        seen.update(larger)
+        return np.zeros(larger["x"].shape[0]), None, None
+
+    monkeypatch.setattr(_image, "nested_test", fake_test)
+    _image._warranted(np.zeros(shape), np.ones(shape, bool), cat, width, 5.0, shape,
+                      psf=crowdfit.get_psf("gaussian"), shape_vals={"sigma": 2.0},
+                      background_model="constant", noise="gaussian")  # fmt: skip
+    d = np.hypot(cat["x"][:, None] - cat["x"], cat["y"][:, None] - cat["y"])
+    np.fill_diagonal(d, np.inf)
+    weak = np.flatnonzero((cat["snr"] < 5.0) & (d.min(1) < 2 * width) & (d.min(1) >= width / 2))
+    np.testing.assert_array_equal(seen["x"][:, 0], cat["x"][weak])
+    for row, i in enumerate(weak):
+        near = np.argsort(d[i])[:3]
+        near = near[d[i, near] < 2 * width]
+        np.testing.assert_array_equal(seen["valid"][row, 1:], np.arange(3) < near.size)
+        np.testing.assert_array_equal(seen["x"][row, 1 : 1 + near.size], cat["x"][near])
