@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import crowdfit
-from crowdfit._cli import main as cli_main
 from crowdfit._catalog import COLUMNS
+from crowdfit._cli import main as cli_main
 from crowdfit._detect import estimate_background
 
 
