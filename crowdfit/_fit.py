@@ -11,8 +11,10 @@ and the others are fitted by two programs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import itertools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -236,12 +238,24 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     budget = np.int32(budget)
     if not host:
         return jax.tree_util.tree_map(lambda a: a[:n], fn(*args, budget))
-    # Every call is dispatched before any result is fetched: the device never waits on us.
-    outs = [
-        fn(*jax.tree_util.tree_map(lambda a, s=s: a[s : s + chunk], args), budget)
-        for s in range(0, size, chunk)
-    ]
-    return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n], *jax.device_get(outs))
+    starts = range(0, size, chunk)
+    call = lambda s: fn(*jax.tree_util.tree_map(lambda a: a[s : s + chunk], args), budget)
+    if _on_cpu() and len(starts) > 1 and _CPU_WORKERS > 1:
+        # XLA runs the calls of one thread one after another, each on about one core: calls
+        # from several threads run side by side (2.1x on 2 cores).
+        outs = list(_cpu_pool().map(lambda s: jax.device_get(call(s)), starts))
+    else:  # every call is dispatched before any result is fetched: the device never waits
+        outs = jax.device_get([call(s) for s in starts])
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n], *outs)
+
+
+# Threads that dispatch a CPU fit's chunks side by side (one per core this process may use).
+_CPU_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+@functools.cache
+def _cpu_pool():
+    return concurrent.futures.ThreadPoolExecutor(_CPU_WORKERS, thread_name_prefix="crowdfit")
 
 
 def _staged(run, piece, max_iter):

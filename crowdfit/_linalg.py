@@ -11,7 +11,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg
 
 __all__ = ["cholesky", "cholesky_solve", "exact_matmuls", "masked_solve", "masked_inverse"]
 
@@ -107,10 +106,10 @@ def masked_solve(h, g, active):
 def masked_inverse(h, active):
     """Inverse of `h` on the active block, zeros elsewhere (NaN if that block is singular).
 
-    Used once per region after a fit, so LAPACK's Cholesky serves: it compiles far faster than
-    the unrolled factorisation that the solver's inner loop uses.
+    By the same Cholesky factorisation as `masked_solve`, not LAPACK's: a program holding
+    LAPACK's custom call hangs on XLA's CPU runtime when another runs at the same time, and
+    `fit_regions` runs its chunks on every core at once (see `_fit._run`).
     """
     eye = jnp.eye(h.shape[0], dtype=h.dtype)
-    factor = jax.scipy.linalg.cho_factor(_masked(h, active), lower=True)
-    inv = jax.scipy.linalg.cho_solve(factor, eye)
+    inv = cholesky_solve(cholesky(_masked(h, active)), eye)
     return inv * (active[:, None] * active[None, :])
