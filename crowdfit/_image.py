@@ -6,10 +6,13 @@ bucketed shape) → look for hidden neighbours in the residual → prune → ref
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
 import threading
 import warnings
 
+import jax
 import numpy as np
 
 from ._catalog import COLUMNS, Catalog, empty_columns, model_image
@@ -20,7 +23,7 @@ from ._detect import (
     estimate_noise,
     estimate_sigma,
 )
-from ._fit import fit_regions
+from ._fit import _CPU_WORKERS, fit_regions
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf, render_windows
@@ -192,7 +195,9 @@ def _fit_all(
     cum = np.pad(src["background_map"].cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     nb = 1 if background == "constant" else 3
     items = sorted(merged.items())
-    for (k, size), idx in progress(items, total=len(items), desc="fitting", enabled=progress_bar):
+
+    def fit_bucket(item):
+        (k, size), idx = item
         regs = [regions[i] for i in idx]
         windows = np.array([r.window for r in regs])
         crops, masks, origins = pad_windows(img, windows, (size, size), mask=good)
@@ -221,10 +226,15 @@ def _fit_all(
             crops, init, psf=psf, background=background, noise=noise, mask=masks,
             valid=valid, known=known, fixed=fixed, tol=FIT_TOL,
         )  # fmt: skip
-        p = {k_: np.asarray(v) for k_, v in res.params.items()}
-        e = {k_: np.asarray(v) for k_, v in res.errors.items()}
-        status = np.asarray(res.status)
-        iterations, chi2r = np.asarray(res.iterations), np.asarray(res.chi2_reduced)
+        return regs, origins, flat, row, slot, jax.device_get(res)
+
+    # Buckets are prepared and fitted side by side on a CPU: one bucket's host work and the
+    # last, thin stages of its fit leave cores free for another's.
+    fitted = _fit_buckets(fit_bucket, items)
+    for regs, origins, flat, row, slot, res in progress(
+        fitted, total=len(items), desc="fitting", enabled=progress_bar
+    ):
+        p, e = res.params, res.errors
         px, py = p["x"][row, slot], p["y"][row, slot]
         out["x"][flat] = px + origins[row, 1]
         out["y"][flat] = py + origins[row, 0]
@@ -236,9 +246,9 @@ def _fit_all(
         bgp = p["background"][row]
         out["background"][flat] = bgp if nb == 1 else bgp[:, 0] + bgp[:, 1] * px + bgp[:, 2] * py
         out["group"][flat] = np.array([r.group for r in regs])[row]
-        out["status"][flat] = status[row]
-        out["iterations"][flat] = iterations[row]
-        out["chi2_reduced"][flat] = chi2r[row]
+        out["status"][flat] = res.status[row]
+        out["iterations"][flat] = res.iterations[row]
+        out["chi2_reduced"][flat] = res.chi2_reduced[row]
     out["amplitude"] = np.asarray(
         amplitude({"flux": out["flux"], "sigma_x": out["sigma_x"], "sigma_y": out["sigma_y"]},
                   psf)
@@ -246,6 +256,21 @@ def _fit_all(
     with np.errstate(divide="ignore", invalid="ignore"):
         out["snr"] = out["flux"] / out["flux_err"]
     return out, len(regions), len(redo), refitted
+
+
+def _fit_buckets(fit_bucket, items):
+    """`fit_bucket` of each item, in order: side by side on a CPU (see `fit_bucket`'s caller),
+    one after another elsewhere (a GPU's batches are big enough to fill it)."""
+    if len(items) > 1 and jax.default_backend() == "cpu" and _CPU_WORKERS > 1:
+        return _bucket_pool().map(fit_bucket, items)
+    return map(fit_bucket, items)
+
+
+@functools.cache
+def _bucket_pool():
+    # One thread per core, apart from `_fit`'s pool that runs each bucket's chunks (a thread
+    # never waits on its own pool).
+    return concurrent.futures.ThreadPoolExecutor(_CPU_WORKERS, thread_name_prefix="crowdfit-bucket")
 
 
 def _core_median(v, k=2.0):
