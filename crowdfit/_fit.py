@@ -2,8 +2,10 @@
 
 The host checks the inputs. Concrete ones (outside `jit`, `grad`, `vmap`; on a GPU, numpy
 ones) are prepared in numpy and fitted `chunk_size` regions per call of one compiled program
-per problem (`_run`); on CPU, Levenberg–Marquardt runs in stages (`_staged`): the regions still
-running after each stage are gathered and continued. Traced ones, and jax arrays on a GPU, are
+per problem (`_run`); on CPU, the calls go out from one thread per core, so they run side by
+side (XLA runs one thread's calls one after another, each on about one core), and
+Levenberg–Marquardt runs in stages (`_staged`): the regions still running after each stage are
+gathered and continued. Traced ones, and jax arrays on a GPU, are
 padded to a bucketed batch size and fitted in one call per piece.
 Which regions' Gauss–Newton matrices are separable is decided here (`_separable_regions`); those
 and the others are fitted by two programs.
@@ -405,7 +407,8 @@ def fit_regions(
       every fit converges within them, at many times the time, memory and compile time.
     - `chunk_size`: regions vmapped together (default on CPU 64, fewer for big regions and 1024
       for single sources in windows of up to 16×16; on GPU the largest 512 · 4^j not above
-      the batch, up to 65536 for small regions; see `_default_sizes`).
+      the batch, up to 65536 for small regions; see `_default_sizes`). On CPU, concrete
+      inputs' chunks run side by side, one per core.
     - `max_batch`: largest piece fitted at once (default on CPU 1024, 16384 for single sources
       in windows of up to 16×16; on GPU 4 times the largest chunk); bigger inputs are fitted
       piece by piece.
