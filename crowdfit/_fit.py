@@ -245,7 +245,7 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     if _on_cpu() and len(starts) > 1 and _CPU_WORKERS > 1:
         # XLA runs the calls of one thread one after another, each on about one core: calls
         # from several threads run side by side (2.1x on 2 cores).
-        outs = list(_cpu_pool().map(lambda s: jax.device_get(call(s)), starts))
+        outs = list(threaded_map(_cpu_pool(), lambda s: jax.device_get(call(s)), starts))
     else:  # every call is dispatched before any result is fetched: the device never waits
         outs = jax.device_get([call(s) for s in starts])
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n], *outs)
@@ -258,6 +258,19 @@ _CPU_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") 
 @functools.cache
 def _cpu_pool():
     return concurrent.futures.ThreadPoolExecutor(_CPU_WORKERS, thread_name_prefix="crowdfit")
+
+
+def threaded_map(pool, fn, items):
+    """`pool.map(fn, items)` under the calling thread's JAX settings: `jax.enable_x64` and
+    `jax.default_device` used as context managers hold for their own thread only, and a fit
+    of float64 inputs must not turn float32 on the way."""
+    x64, device = jax.config.jax_enable_x64, jax.config.jax_default_device
+
+    def run(item):
+        with jax.enable_x64(x64), jax.default_device(device):
+            return fn(item)
+
+    return pool.map(run, items)
 
 
 def _staged(run, piece, max_iter):

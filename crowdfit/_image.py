@@ -23,7 +23,7 @@ from ._detect import (
     estimate_noise,
     estimate_sigma,
 )
-from ._fit import _CPU_WORKERS, fit_regions
+from ._fit import _CPU_WORKERS, fit_regions, threaded_map
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf, render_windows
@@ -262,7 +262,7 @@ def _fit_buckets(fit_bucket, items):
     """`fit_bucket` of each item, in order: side by side on a CPU (see `fit_bucket`'s caller),
     one after another elsewhere (a GPU's batches are big enough to fill it)."""
     if len(items) > 1 and jax.default_backend() == "cpu" and _CPU_WORKERS > 1:
-        return _bucket_pool().map(fit_bucket, items)
+        return threaded_map(_bucket_pool(), fit_bucket, items)
     return map(fit_bucket, items)
 
 
@@ -571,8 +571,8 @@ def fit_image(
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
       `rounds=1, split=False` is the fast end of the dial (big regions, above, the accurate
-      end): on the crowded-field benchmark (512², 0.02–0.3 stars/FWHM²) 1.3–2.5× faster,
-      Jaccard 0.996–0.768 against the default's 1.000–0.885 (`benchmarks/crowded_field.py`).
+      end): on the crowded-field benchmark (512², 0.02–0.3 stars/FWHM²) 1.5–2.1× faster,
+      Jaccard 0.996–0.766 against the default's 1.000–0.884 (`benchmarks/crowded_field.py`).
     - `spikes`: mask the pixels sharper than any PSF of the image's width can make (hot pixels,
       hot columns, cosmic-ray hits), with a warning that counts them (default; see
       `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds

@@ -359,6 +359,19 @@ def test_float64(x64):
     assert np.all(np.asarray(res.status) == 0)
 
 
+def test_chunks_on_several_threads_keep_float64(x64):
+    # On CPU the chunks run on worker threads; `jax.enable_x64` as a context manager holds for
+    # its own thread only, so without carrying it over they would fit in float32.
+    rng = np.random.default_rng(10)
+    img, init, _ = _small_problem(rng)
+    one = crowdfit.fit_regions(img.astype(np.float64), init, fixed=("sigma",), tol=1e-12)
+    res = crowdfit.fit_regions(
+        img.astype(np.float64), init, fixed=("sigma",), tol=1e-12, chunk_size=2
+    )
+    assert res.params["flux"].dtype == jnp.float64
+    np.testing.assert_allclose(res.params["flux"], one.params["flux"], rtol=1e-9)
+
+
 def test_plane_background_and_custom_psf():
     rng = np.random.default_rng(11)
     n = 8
