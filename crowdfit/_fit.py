@@ -251,8 +251,23 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n], *outs)
 
 
-# Threads that dispatch a CPU fit's chunks side by side (one per core this process may use).
-_CPU_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def _cpu_workers() -> int:
+    """Threads that dispatch a CPU fit's chunks side by side: `CROWDFIT_CPU_THREADS` if set (1
+    turns them off), else one per core this process may use."""
+    given = os.environ.get("CROWDFIT_CPU_THREADS")
+    if given:
+        try:
+            n = int(given)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"CROWDFIT_CPU_THREADS must be a whole number >= 1, got {given!r}")
+        return n
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return len(cores) if cores else os.cpu_count() or 1
+
+
+_CPU_WORKERS = _cpu_workers()
 
 
 @functools.cache
