@@ -3,9 +3,8 @@
 The host checks the inputs. Concrete ones (outside `jit`, `grad`, `vmap`; on a GPU, numpy
 ones) are prepared in numpy and fitted `chunk_size` regions per call of one compiled program
 per problem (`_run`); on CPU, the calls go out from one thread per core, so they run side by
-side (XLA runs one thread's calls one after another, each on about one core), and
-Levenberg–Marquardt runs in stages (`_staged`): the regions still running after each stage are
-gathered and continued. Traced ones, and jax arrays on a GPU, are
+side (see `_threads`), and Levenberg–Marquardt runs in stages (`_staged`): the regions still
+running after each stage are gathered and continued. Traced ones, and jax arrays on a GPU, are
 padded to a bucketed batch size and fitted in one call per piece.
 Which regions' Gauss–Newton matrices are separable is decided here (`_separable_regions`); those
 and the others are fitted by two programs.
@@ -13,10 +12,8 @@ and the others are fitted by two programs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import itertools
-import os
 from collections.abc import Sequence
 
 import jax
@@ -32,6 +29,7 @@ from ._progress import progress
 from ._psf import get_psf
 from ._solution import FitResult, Status
 from ._solver import levenberg_marquardt, optax_minimise
+from ._threads import cpu_map
 
 __all__ = ["fit_regions"]
 
@@ -242,50 +240,11 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
         return jax.tree_util.tree_map(lambda a: a[:n], fn(*args, budget))
     starts = range(0, size, chunk)
     call = lambda s: fn(*jax.tree_util.tree_map(lambda a: a[s : s + chunk], args), budget)
-    if _on_cpu() and len(starts) > 1 and _CPU_WORKERS > 1:
-        # XLA runs the calls of one thread one after another, each on about one core: calls
-        # from several threads run side by side (2.1x on 2 cores).
-        outs = list(threaded_map(_cpu_pool(), lambda s: jax.device_get(call(s)), starts))
+    if _on_cpu():  # side by side, one thread per core (see `_threads`)
+        outs = list(cpu_map(lambda s: jax.device_get(call(s)), starts, pool="chunks"))
     else:  # every call is dispatched before any result is fetched: the device never waits
         outs = jax.device_get([call(s) for s in starts])
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:n], *outs)
-
-
-def _cpu_workers() -> int:
-    """Threads that dispatch a CPU fit's chunks side by side: `CROWDFIT_CPU_THREADS` if set (1
-    turns them off), else one per core this process may use."""
-    given = os.environ.get("CROWDFIT_CPU_THREADS")
-    if given:
-        try:
-            n = int(given)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"CROWDFIT_CPU_THREADS must be a whole number >= 1, got {given!r}")
-        return n
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return len(cores) if cores else os.cpu_count() or 1
-
-
-_CPU_WORKERS = _cpu_workers()
-
-
-@functools.cache
-def _cpu_pool():
-    return concurrent.futures.ThreadPoolExecutor(_CPU_WORKERS, thread_name_prefix="crowdfit")
-
-
-def threaded_map(pool, fn, items):
-    """`pool.map(fn, items)` under the calling thread's JAX settings: `jax.enable_x64` and
-    `jax.default_device` used as context managers hold for their own thread only, and a fit
-    of float64 inputs must not turn float32 on the way."""
-    x64, device = jax.config.jax_enable_x64, jax.config.jax_default_device
-
-    def run(item):
-        with jax.enable_x64(x64), jax.default_device(device):
-            return fn(item)
-
-    return pool.map(run, items)
 
 
 def _staged(run, piece, max_iter):

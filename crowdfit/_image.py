@@ -6,8 +6,6 @@ bucketed shape) → look for hidden neighbours in the residual → prune → ref
 
 from __future__ import annotations
 
-import concurrent.futures
-import functools
 import math
 import threading
 import warnings
@@ -23,13 +21,14 @@ from ._detect import (
     estimate_noise,
     estimate_sigma,
 )
-from ._fit import _CPU_WORKERS, fit_regions, threaded_map
+from ._fit import fit_regions
 from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf, render_windows
 from ._saturation import clear_rims, saturation_level, seed_holes
 from ._spikes import find_spikes
 from ._split import FIT_TOL, PAIR_THRESHOLD, find_splits, nested_test
+from ._threads import cpu_map
 
 __all__ = ["fit_image"]
 
@@ -230,7 +229,7 @@ def _fit_all(
 
     # Buckets are prepared and fitted side by side on a CPU: one bucket's host work and the
     # last, thin stages of its fit leave cores free for another's.
-    fitted = _fit_buckets(fit_bucket, items)
+    fitted = cpu_map(fit_bucket, items, pool="buckets")
     for regs, origins, flat, row, slot, res in progress(
         fitted, total=len(items), desc="fitting", enabled=progress_bar
     ):
@@ -256,21 +255,6 @@ def _fit_all(
     with np.errstate(divide="ignore", invalid="ignore"):
         out["snr"] = out["flux"] / out["flux_err"]
     return out, len(regions), len(redo), refitted
-
-
-def _fit_buckets(fit_bucket, items):
-    """`fit_bucket` of each item, in order: side by side on a CPU (see `fit_bucket`'s caller),
-    one after another elsewhere (a GPU's batches are big enough to fill it)."""
-    if len(items) > 1 and jax.default_backend() == "cpu" and _CPU_WORKERS > 1:
-        return threaded_map(_bucket_pool(), fit_bucket, items)
-    return map(fit_bucket, items)
-
-
-@functools.cache
-def _bucket_pool():
-    # One thread per core, apart from `_fit`'s pool that runs each bucket's chunks (a thread
-    # never waits on its own pool).
-    return concurrent.futures.ThreadPoolExecutor(_CPU_WORKERS, thread_name_prefix="crowdfit-bucket")
 
 
 def _core_median(v, k=2.0):

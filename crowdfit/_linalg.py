@@ -108,7 +108,7 @@ def masked_inverse(h, active):
 
     By the same Cholesky factorisation as `masked_solve`, not LAPACK's: a program holding
     LAPACK's custom call hangs on XLA's CPU runtime when another runs at the same time, and
-    `fit_regions` runs its chunks on every core at once (see `_fit._run`).
+    `fit_regions` runs its chunks on every core at once (see `_threads`).
     """
     eye = jnp.eye(h.shape[0], dtype=h.dtype)
     inv = cholesky_solve(cholesky(_masked(h, active)), eye)

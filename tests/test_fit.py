@@ -373,16 +373,16 @@ def test_chunks_on_several_threads_keep_float64(x64):
 
 
 def test_cpu_threads_setting(monkeypatch):
-    from crowdfit._fit import _cpu_workers
+    from crowdfit._threads import _workers
 
     monkeypatch.setenv("CROWDFIT_CPU_THREADS", "3")
-    assert _cpu_workers() == 3
+    assert _workers() == 3
     for bad in ("0", "two"):
         monkeypatch.setenv("CROWDFIT_CPU_THREADS", bad)
         with pytest.raises(ValueError, match="CROWDFIT_CPU_THREADS"):
-            _cpu_workers()
+            _workers()
     monkeypatch.delenv("CROWDFIT_CPU_THREADS")
-    assert _cpu_workers() >= 1
+    assert _workers() >= 1
 
 
 def test_plane_background_and_custom_psf():
