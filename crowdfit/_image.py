@@ -26,6 +26,7 @@ from ._group import _pairs_within, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, get_psf, render_windows
 from ._saturation import clear_rims, saturation_level, seed_holes
+from ._solution import Status
 from ._spikes import find_spikes
 from ._split import FIT_TOL, PAIR_THRESHOLD, find_splits, nested_test
 from ._threads import cpu_map
@@ -40,6 +41,12 @@ _REACH = 5.0
 # The residual's smooth background is estimated again only when more than this fraction of the
 # sources were added, removed or split since it was.
 _BACKGROUND_STALE = 0.02
+# Iteration limit of the fits that another residual search follows. Regions that have not
+# converged by then (sources swapping light with a newly found neighbour crawl on for 100+
+# iterations) are refitted in the next pass, from where they stopped and with fresh damping,
+# instead of ground on: on twenty 256² fields (0.1–0.3 stars/FWHM²) the Jaccard index went
+# from 0.932 to 0.944 and the time down 11 % (another twenty: 0.932 to 0.937, 8 %).
+_SEARCH_MAX_ITER = 20
 # Set by `crowdfit.dask`'s tile tasks: the caller reports masked spikes and saturated pixels
 # once for the whole image, not every tile on its own thread.
 _QUIET = threading.local()
@@ -150,12 +157,13 @@ def _fit_all(
     free_shape,
     progress_bar,
     previous=None,
+    max_iter=50,
 ):
     """Fit every source jointly with its neighbours; returns per-source results (members).
 
     With a `previous` catalog, `src["prev"]` `(N,)` (each source's row there, -1 if new) and
     `src["dirty"]` `(N,)`, only regions with a dirty member are refitted; the others keep their
-    previous results.
+    previous results. `max_iter`: the fits' iteration limit.
 
     **Returns:** `(columns, n_regions, n_fitted, refitted)`: the per-source columns, the number
     of regions and of regions fitted in this call, and `refitted` `(N,)`, True for the sources
@@ -223,7 +231,7 @@ def _fit_all(
         init["background"] = bg0 if nb == 1 else np.column_stack([bg0, np.zeros((b, 2))])
         res = fit_regions(
             crops, init, psf=psf, background=background, noise=noise, mask=masks,
-            valid=valid, known=known, fixed=fixed, tol=FIT_TOL,
+            valid=valid, known=known, fixed=fixed, tol=FIT_TOL, max_iter=max_iter,
         )  # fmt: skip
         return regs, origins, flat, row, slot, jax.device_get(res)
 
@@ -640,9 +648,12 @@ def fit_image(
         # The first fit's neighbour light comes from detection guesses: the second refits all.
         previous = cat if ("prev" in src and fits >= 2) else None
         fits += 1
+        capped = fits >= 3 and meta["rounds"] < rounds  # (another search follows)
         cat, n_regions, n_fitted, refitted = _fit_all(
-            img, good, src, psf, shape_vals, free_shape=free_shape, previous=previous, **fit_kw
-        )
+            img, good, src, psf, shape_vals, free_shape=free_shape, previous=previous,
+            max_iter=_SEARCH_MAX_ITER if capped else 50, **fit_kw,
+        )  # fmt: skip
+        unfinished = capped and bool(np.any(cat["status"] == Status.MAX_ITERATIONS))
         meta["region_fits"] += n_fitted
         if free_shape:
             ok = (cat["status"] == 0) & (cat["snr"] > 20)
@@ -697,7 +708,7 @@ def fit_image(
                     exclude=near_new | ~refitted[keep], psf_error=psf_error, **test_kw,
                 )  # fmt: skip
             meta["rounds"] += 1
-        if new["x"].size == 0 and parents.size == 0 and keep.all():
+        if new["x"].size == 0 and parents.size == 0 and keep.all() and not unfinished:
             break
         stay = np.ones(kept["x"].size, bool)
         stay[parents] = False
@@ -717,6 +728,9 @@ def fit_image(
         changed_x = np.concatenate([cat["x"][~keep], kept["x"][~stay], new["x"]])
         changed_y = np.concatenate([cat["y"][~keep], kept["y"][~stay], new["y"]])
         src["dirty"] = src["prev"] < 0
+        # (and the regions that stopped at their iteration limit: continued, see above)
+        unfinished = kept["status"][stay] == Status.MAX_ITERATIONS
+        src["dirty"] |= np.concatenate([unfinished, np.zeros(n_new, bool)])
         if changed_x.size:
             a, b = _pairs_within(
                 np.concatenate([src["x"], changed_x]), np.concatenate([src["y"], changed_y]),
