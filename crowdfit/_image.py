@@ -48,6 +48,7 @@ _BACKGROUND_STALE = 0.02
 # fields (0.1–0.3 stars/FWHM²) the Jaccard index went from 0.932 to 0.944 and the time down
 # 9 % (another twenty: 0.932 to 0.937, 8 %).
 _SEARCH_MAX_ITER = 20
+_MAX_ITER = 50  # every other fit's (`fit_regions`' default)
 # Set by `crowdfit.dask`'s tile tasks: the caller reports masked spikes and saturated pixels
 # once for the whole image, not every tile on its own thread.
 _QUIET = threading.local()
@@ -158,7 +159,7 @@ def _fit_all(
     free_shape,
     progress_bar,
     previous=None,
-    max_iter=50,
+    max_iter=_MAX_ITER,
 ):
     """Fit every source jointly with its neighbours; returns per-source results (members).
 
@@ -536,7 +537,9 @@ def fit_image(
     not significant (`flux / flux_err < min_snr`; for a weak source within 2 PSF widths of
     others, the likelihood-ratio test of it against those neighbours alone) or that merged into
     a brighter one (closer than half a width) are dropped; and the regions near any change are
-    refitted. Pairs down to about 0.7 σ apart are resolved at S/N ~ 70 each.
+    refitted (a fit that another search follows stops after 20 iterations; a region it leaves
+    unconverged goes on in the next pass). Pairs down to about 0.7 σ apart are resolved at
+    S/N ~ 70 each.
 
     **Arguments:**
 
@@ -652,7 +655,7 @@ def fit_image(
         capped = fits >= 3 and meta["rounds"] < rounds  # (another search follows)
         cat, n_regions, n_fitted, refitted = _fit_all(
             img, good, src, psf, shape_vals, free_shape=free_shape, previous=previous,
-            max_iter=_SEARCH_MAX_ITER if capped else 50, **fit_kw,
+            max_iter=_SEARCH_MAX_ITER if capped else _MAX_ITER, **fit_kw,
         )  # fmt: skip
         cut_short = capped and bool(np.any(cat["status"] == Status.MAX_ITERATIONS))
         meta["region_fits"] += n_fitted
