@@ -13,10 +13,9 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import cho_factor, cho_solve
 
 from ._background import n_background_params
-from ._linalg import exact_matmuls
+from ._linalg import exact_matmuls, masked_inverse
 from ._noise import _POISSON_FLOOR, NoiseModel, get_noise
 from ._problem import RegionProblem
 from ._psf import PSF, get_psf
@@ -65,14 +64,6 @@ def _information(noise: NoiseModel, has_read_noise: bool) -> Callable:
     return lambda mu, w, r: jnp.vectorize(noise.curvature)(mu, mu, w)
 
 
-def _masked_inverse(h, active):
-    # LAPACK rather than `_linalg`'s unrolled Cholesky: a bound is computed once, not at every
-    # solver step, and this compiles several times faster. NaN where the active block is singular.
-    outer = active[:, None] * active[None, :]
-    factor = cho_factor(h * outer + jnp.diag(1.0 - active), lower=True)
-    return cho_solve(factor, jnp.eye(h.shape[0], dtype=h.dtype)) * outer
-
-
 @functools.lru_cache(maxsize=128)
 def _program(free: RegionProblem, has_read_noise: bool, batched: bool):
     """The compiled bound for one region layout (batched with `vmap` when `batched`)."""
@@ -114,7 +105,7 @@ def _program(free: RegionProblem, has_read_noise: bool, batched: bool):
         d = jnp.sqrt(jnp.diagonal(fisher))
         d = jnp.where((active > 0) & (d > 0), d, 1.0)
         scale = d[:, None] * d[None, :]
-        cov = _masked_inverse(fisher / scale, active) / scale
+        cov = masked_inverse(fisher / scale, active) / scale
         sd = jnp.sqrt(jnp.maximum(jnp.diagonal(cov), 0.0))
         sd = jnp.where(jnp.all(jnp.isfinite(cov)), sd, jnp.nan)
 

@@ -101,6 +101,11 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
     replace the packed `init` where `resume` `(B,)` is True (a region continued from an earlier
     stage), and `budget`, the iteration limit as a traced scalar (so every stage of a staged
     fit shares one program). Unrolled fits use the static `max_iter` instead.
+
+    `adjoint="none"` (concrete inputs fitted by Levenberg–Marquardt, which nothing can
+    differentiate) builds a leaner program: the statistics reuse the solver's last loss and
+    Gauss–Newton matrix and invert it once, where a differentiable fit evaluates them again at
+    the optimum and inverts twice (gradient-safe). It compiles in about half the time.
     """
 
     def one(image, mask, weight, known, valid, held, p, start, resume, budget):
@@ -122,7 +127,10 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             run = functools.partial(levenberg_marquardt, problem, max_iter=limit, tol=tol)
         else:
             run = functools.partial(optax_minimise, problem, solver=solver, max_iter=limit, tol=tol)
-        if adjoint == "implicit":
+        lean = adjoint == "none"
+        if lean:
+            u, status, iterations, (loss, fisher) = run(u0, data, equations=True)
+        elif adjoint == "implicit":
             u, status, iterations = run(
                 jax.lax.stop_gradient(u0), jax.lax.stop_gradient(data), unroll=False
             )
@@ -134,8 +142,11 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         # A region whose solver gave up on NaN gets its statistics at a finite stand-in (then
         # reported as NaN): NaN there would reach the gradient of the data, even times zero.
         finite = jnp.all(jnp.isfinite(u))
+        if lean:  # (the solver's loss is infinite when it never had a finite one)
+            finite = finite & jnp.isfinite(loss)
         u_stat = jnp.where(finite, u, jnp.zeros_like(u))
-        loss, _, fisher = problem.normal_equations(u_stat, data)
+        if not lean:
+            loss, _, fisher = problem.normal_equations(u_stat, data)
         loss = jnp.where(finite, loss, jnp.nan)
         dof = jnp.maximum(jnp.sum(mask) - jnp.sum(active), 1.0)
         chi2_reduced = jnp.where(finite, problem.pearson(u_stat, data) / dof, jnp.nan)
@@ -157,12 +168,15 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         collapsed = jnp.concatenate([collapsed.reshape(-1), jnp.zeros(info.size - n_src, bool)])
         collapsed = collapsed & (active > 0)
         active_cov = jnp.where(collapsed, 0.0, active)
-        invertible = jnp.all(
-            jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active_cov))
-        )
-        cov = masked_inverse(jnp.where(invertible, fisher, eye), active_cov) * (
-            d[:, None] * d[None, :]
-        )
+        if lean:
+            inverse = masked_inverse(fisher, active_cov)
+            invertible = jnp.all(jnp.isfinite(inverse))
+        else:
+            invertible = jnp.all(
+                jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active_cov))
+            )
+            inverse = masked_inverse(jnp.where(invertible, fisher, eye), active_cov)
+        cov = inverse * (d[:, None] * d[None, :])
         if not known_scale:
             cov = cov * jnp.where(finite, chi2_reduced, 1.0)
         singular = ~finite | ~invertible | ~jnp.all(jnp.isfinite(cov))
@@ -536,6 +550,8 @@ def fit_regions(
     # Concrete inputs fitted by Levenberg–Marquardt run in stages (see `_staged`); traced ones
     # (under jit, grad or vmap) and the other solvers run in one go.
     staged = host and solver == "lm" and adjoint == "implicit" and _on_cpu()
+    # Nothing differentiates a concrete fit: its program need not be differentiable.
+    program_adjoint = "none" if host and solver == "lm" and adjoint == "implicit" else adjoint
     # Regions whose Gauss–Newton matrix is separable (most, when any) are fitted by their own
     # program, the others (masked pixels inside a window, uneven weights) by the general one.
     fast = _separable_regions(psf, noise_model, mask, weights)
@@ -548,7 +564,8 @@ def fit_regions(
         problem = RegionProblem(
             psf, tuple(names), frozenset(fixed), background, noise_model, k, (h, w), separable
         )
-        fn = _program(problem, solver, static_iter, float(tol), adjoint, int(chunk), known_scale)
+        fn = _program(problem, solver, static_iter, float(tol), program_adjoint, int(chunk),
+                      known_scale)  # fmt: skip
         run = functools.partial(_run, fn, n_params=problem.size, chunk=chunk, max_batch=max_batch)
         group = inputs if sel is None else jax.tree_util.tree_map(lambda a, i=sel: a[i], inputs)
         n_group = group[0].shape[0]

@@ -32,14 +32,19 @@ class _State(NamedTuple):
     scale_floor: jax.Array
 
 
-def levenberg_marquardt(problem, u0, data, *, max_iter: int, tol: float, unroll: bool = False):
+def levenberg_marquardt(
+    problem, u0, data, *, max_iter: int, tol: float, unroll: bool = False, equations=False
+):
     """Minimise `problem.loss(u, data)` from `u0` `(P,)`.
 
     Convergence: the decrease the quadratic model predicts for the last step is below
     `tol` times the loss per degree of freedom (a fraction of one pixel's contribution, far
-    below the statistical uncertainty), or the step is below `tol` relative to `u`.
+    below the statistical uncertainty), or the step is below `tol` relative to `u`. The starting
+    point is always evaluated, even with `max_iter = 0`.
 
-    **Returns:** `(u, status, iterations)`.
+    **Returns:** `(u, status, iterations)`; with `equations`, also `(loss, h)`, the loss and
+    Gauss–Newton matrix `(P, P)` at `u` (the loss is infinite, and `h` the identity, when the
+    starting point's loss is not finite), which spares the caller evaluating them again.
     """
     dtype = u0.dtype
     active = problem.active(data, dtype)
@@ -110,5 +115,9 @@ def levenberg_marquardt(problem, u0, data, *, max_iter: int, tol: float, unroll:
     if unroll:
         state, _ = jax.lax.scan(lambda s, _: (step(s), None), state, None, length=max_iter + 1)
     else:
-        state = jax.lax.while_loop(lambda s: ~s.done & (s.iteration < max_iter), step, state)
+        state = jax.lax.while_loop(
+            lambda s: ~s.done & ((s.iteration < max_iter) | jnp.isinf(s.loss)), step, state
+        )
+    if equations:
+        return state.u, state.status, state.iteration, (state.loss, state.h)
     return state.u, state.status, state.iteration
