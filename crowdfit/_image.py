@@ -37,7 +37,7 @@ _SHAPE_NAMES = ("sigma", "sigma_x", "sigma_y", "angle")
 # Region shapes: members rounded up to one of `_K_BUCKETS`, the window side to one of
 # `_SIZE_BUCKETS` (past the largest, a multiple of it). Each shape used compiles one program
 # (about 2 s on a CPU). 48 serves `max_window` up to 48: padded to 64, such windows took 1.8×
-# the time of the defaults' on dense fields; at 48, 1.1–1.2×.
+# the defaults' time on dense fields; at 48, 1.2×.
 _K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32, 48)
 # A source within this many PSF widths of an added, removed or split one is refitted.
@@ -559,13 +559,15 @@ def fit_image(
     - `max_sources`, `max_window`: bounds on a region (members, pixels a side). Bigger regions
       hold fewer neighbours as known light at their edges and resolve crowds better, at a cost
       in time: on twenty 256² fields, `max_sources=16, max_window=48` raised the Jaccard index
-      from 0.902 to 0.929 at 0.3 stars/FWHM² (0.945 to 0.956 at 0.2, 0.979 at 0.1 both)
-      for about 1.8× the time; the mean flux error moved from +3.1 % to +3.4 %.
+      from 0.900 to 0.927 at 0.3 stars/FWHM² (0.942 to 0.958 at 0.2, 0.979 at 0.1 both) for
+      about 1.2× the warm time; the mean flux error moved from +2.7 % to +3.0 %. Its bigger
+      region shapes compile more programs: a first call on a dense field takes about twice as
+      long.
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
       `rounds=1, split=False` is the fast end of the dial (big regions, above, the accurate
-      end): on the crowded-field benchmark (512², 0.02–0.3 stars/FWHM²) 1.5–2.1× faster,
-      Jaccard 0.996–0.766 against the default's 1.000–0.884 (`benchmarks/crowded_field.py`).
+      end): on the crowded-field benchmark (512², 0.02–0.3 stars/FWHM²) 1.1–2.5× faster,
+      Jaccard 0.996–0.776 against the default's 1.000–0.886 (`benchmarks/crowded_field.py`).
     - `spikes`: mask the pixels sharper than any PSF of the image's width can make (hot pixels,
       hot columns, cosmic-ray hits), with a warning that counts them (default; see
       `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds
