@@ -105,7 +105,7 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
     `adjoint="none"` (concrete inputs fitted by Levenberg–Marquardt, which nothing can
     differentiate) builds a leaner program: the statistics reuse the solver's last loss and
     Gauss–Newton matrix and invert it once, where a differentiable fit evaluates them again at
-    the optimum and inverts twice (gradient-safe). It compiles in about half the time.
+    the optimum and inverts twice (gradient-safe). It compiles faster and does less per region.
     """
 
     def one(image, mask, weight, known, valid, held, p, start, resume, budget):
