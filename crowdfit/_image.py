@@ -567,8 +567,8 @@ def fit_image(
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
       `rounds=1, split=False` is the fast end of the dial (big regions, above, the accurate
-      end): on the crowded-field benchmark (512², 0.02–0.3 stars/FWHM²) 1.1–2.5× faster,
-      Jaccard 0.996–0.776 against the default's 1.000–0.886 (`benchmarks/crowded_field.py`).
+      end): on the crowded-field benchmark (512², 0.02–0.3 stars/FWHM²) 1.7–2.4× faster,
+      Jaccard 0.996–0.789 against the default's 1.000–0.897 (`benchmarks/crowded_field.py`).
     - `spikes`: mask the pixels sharper than any PSF of the image's width can make (hot pixels,
       hot columns, cosmic-ray hits), with a warning that counts them (default; see
       `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds
