@@ -151,10 +151,9 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
         dof = jnp.maximum(jnp.sum(mask) - jnp.sum(active), 1.0)
         chi2_reduced = jnp.where(finite, problem.pearson(u_stat, data) / dof, jnp.nan)
         d = problem.natural_derivative(u_stat)
-        # A singular region inverts the identity instead, and padded or fixed entries (variance 0)
-        # skip the square root: their NaN or infinite derivatives would spread through a sum over
-        # the batch even where they are multiplied by zero.
-        eye = jnp.eye(fisher.shape[0], dtype=dtype)
+        # A singular region inverts the identity instead (in a differentiable program), and
+        # padded or fixed entries (variance 0) skip the square root: their NaN or infinite
+        # derivatives would spread through a sum over the batch even where multiplied by zero.
         # A source whose flux collapsed to zero (softplus underflow) has no information on any
         # of its parameters: it is left out of the inversion (its errors are NaN) instead of
         # making the whole region singular. Each parameter is compared with the same parameter
@@ -175,6 +174,7 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
             invertible = jnp.all(
                 jnp.isfinite(masked_inverse(jax.lax.stop_gradient(fisher), active_cov))
             )
+            eye = jnp.eye(fisher.shape[0], dtype=dtype)
             inverse = masked_inverse(jnp.where(invertible, fisher, eye), active_cov)
         cov = inverse * (d[:, None] * d[None, :])
         if not known_scale:
