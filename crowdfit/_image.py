@@ -12,6 +12,7 @@ import warnings
 
 import jax
 import numpy as np
+import scipy.ndimage
 
 from ._catalog import COLUMNS, Catalog, empty_columns, model_image
 from ._detect import (
@@ -42,9 +43,12 @@ _K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32, 48)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
-# The residual's smooth background is estimated again only when more than this fraction of the
-# sources were added, removed or split since it was.
-_BACKGROUND_STALE = 0.02
+# The residual's smooth background is estimated again (and the residual searched everywhere)
+# only when the model changed over more than this fraction of the image since it was: by more
+# than `_CHANGE_TOL` of the noise, within the matched filter's reach. Otherwise the residual is
+# searched only where the model changed since the last search.
+_BACKGROUND_STALE = 0.25
+_CHANGE_TOL = 0.01
 # Iteration limit of the fits that another residual search follows (and of the first fit, which
 # the second continues: 5 % faster, the same catalogs on average). Regions that have not
 # converged by then (sources swapping light with a newly found neighbour crawl on for 100+
@@ -406,22 +410,28 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     return out
 
 
-def _residual_peaks(img, good, cat, psf, width, stars, psf_error, noise_level, det_kw,
-                    background=None):  # fmt: skip
-    """Hidden neighbours: significant peaks left in the residual of the catalog `cat`, not
-    within a PSF width of one of its sources. `background`: the residual's smooth background
-    when it is known (else estimated).
+def _changed_area(model, reference, tol, reach):
+    """`(H, W)` True within `reach` pixels (a square) of where `model` and `reference` differ
+    by more than `tol`; `None` when there is no `reference` (everything changed)."""
+    if reference is None:
+        return None
+    a = (np.abs(model - reference) > tol).astype(np.uint8)
+    a = scipy.ndimage.maximum_filter1d(a, 2 * reach + 1, axis=0, mode="constant")
+    return scipy.ndimage.maximum_filter1d(a, 2 * reach + 1, axis=1, mode="constant").view(bool)
 
-    **Returns:** `(model, background_map, new, near_new)`: the catalog's model image, the
-    residual's smooth background, the new detections, and `(N,)` True for the catalog's
+
+def _residual_peaks(img, good, cat, model, bg_map, width, stars, psf_error, noise_level, det_kw,
+                    area=None):  # fmt: skip
+    """Hidden neighbours: significant peaks left in the residual of the catalog `cat` (whose
+    light is `model`, on the smooth background `bg_map`), not within a PSF width of one of its
+    sources. `area` `(H, W)`: search only there (where the residual changed since the last
+    search; elsewhere that search's peaks are still the answer).
+
+    **Returns:** `(new, near_new)`: the new detections, and `(N,)` True for the catalog's
     sources within 2 widths of a new one.
     """
     shape = img.shape
-    model = model_image(cat, shape, psf=psf)
-    bg_map = background
-    if bg_map is None:
-        bg_map = estimate_background(img - model, good, sigma=width)
-    new = detect(img - model - bg_map, width, background=np.zeros(shape), **det_kw)
+    new = detect(img - model - bg_map, width, background=np.zeros(shape), area=area, **det_kw)
     new = clear_rims(new, stars, 1.0)  # the rim itself (the fit there is poorest)
     if psf_error > 0 and new["x"].size:  # the residual's noise includes the PSF error
         r = np.clip(np.rint(new["y"]).astype(int), 0, shape[0] - 1)
@@ -443,7 +453,7 @@ def _residual_peaks(img, good, cat, psf, width, stars, psf_error, noise_level, d
         apart[i[d2 <= width**2]] = False
         new = {k: v[apart] for k, v in new.items()}
         near_new[j[apart[i]]] = True
-    return model, bg_map, new, near_new
+    return new, near_new
 
 
 def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset, meta):
@@ -642,9 +652,12 @@ def fit_image(
     fit_kw = dict(background=background, noise=noise, max_sources=max_sources,
                   max_window=max_window, progress_bar=progress_bar)  # fmt: skip
     cat, n_regions, keep, fits, last_protect = None, 0, None, 0, None
-    # Sources added, removed or split since `bg_map` was estimated on a residual (the smooth
-    # background hardly moves when a few do: it is then reused, see `_BACKGROUND_STALE`).
-    bg_changes = np.inf
+    # The models on whose residual `bg_map` was estimated and the last search ran (None: none
+    # yet), and where a residual changes with its model (see `_BACKGROUND_STALE`).
+    bg_model = search_model = None
+    changed = lambda model, ref: _changed_area(  # noqa: E731
+        model, ref, _CHANGE_TOL * noise_level, math.ceil(4 * width) + 1
+    )
     for _ in range(rounds + 4):  # two first fits, `rounds` searches, refits after pruning
         if src["x"].size == 0:
             cat, keep = empty_columns(), None
@@ -700,12 +713,18 @@ def fit_image(
         new = {"x": np.zeros(0), "y": np.zeros(0), "flux_guess": np.zeros(0)}
         parents, kids = np.zeros(0, int), {k: np.zeros(0) for k in ("x", "y", "flux")}
         if meta["rounds"] < rounds:
-            fresh = bg_changes > _BACKGROUND_STALE * kept["x"].size
-            model, bg_map, new, near_new = _residual_peaks(
-                img, good, kept, psf, width, stars, psf_error, noise_level, det_kw,
-                background=None if fresh else bg_map,
+            model = model_image(kept, shape, psf=psf)
+            stale = changed(model, bg_model)
+            if stale is None or stale.mean() > _BACKGROUND_STALE:
+                bg_map = estimate_background(img - model, good, sigma=width)
+                bg_model, area = model, None
+            else:
+                area = changed(model, search_model)
+            search_model = model
+            new, near_new = _residual_peaks(
+                img, good, kept, model, bg_map, width, stars, psf_error, noise_level, det_kw,
+                area=area,
             )  # fmt: skip
-            bg_changes = 0 if fresh else bg_changes
             if split and kept["x"].size:
                 # Unresolved pairs: one source the residual says is two (see `_split`); not
                 # next to a new residual peak, which explains its residual better.
@@ -720,7 +739,6 @@ def fit_image(
         stay[parents] = False
         meta["splits"] += parents.size
         n_new = kids["x"].size + new["x"].size
-        bg_changes += n_new + (~keep).sum()
         src = dict(
             x=np.concatenate([kept["x"][stay], kids["x"].ravel(), new["x"]]),
             y=np.concatenate([kept["y"][stay], kids["y"].ravel(), new["y"]]),
@@ -750,8 +768,10 @@ def fit_image(
         cat = {c: v[keep] for c, v in cat.items()}
         order = np.lexsort((cat["x"], cat["y"]))
         cat = {c: v[order] for c, v in cat.items()}
-    if bg_changes > _BACKGROUND_STALE * len(cat["x"]):  # (else the last search's is current)
-        bg_map = estimate_background(img - model_image(cat, shape, psf=psf), good, sigma=width)
+    model = model_image(cat, shape, psf=psf)
+    stale = changed(model, bg_model)
+    if stale is None or stale.mean() > _BACKGROUND_STALE:  # (else the last estimate stands)
+        bg_map = estimate_background(img - model, good, sigma=width)
     meta.update(
         sigma=sigma, n_regions=n_regions, noise_level=noise_level, background_image=bg_map + offset
     )  # fmt: skip

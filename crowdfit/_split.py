@@ -194,18 +194,20 @@ def find_splits(
     else:
         variance = np.full(img.shape, max(noise_level, 1e-12) ** 2)
     variance = variance + (psf_error * model) ** 2  # the PSF's own error, as a fraction
-    drop, angle, sep = quadrupole_screen(
-        img - model - sky, variance, good, cat["x"], cat["y"], cat["flux"], sx, sy
-    )
     width = max(sx, sy)
-    cand = (drop > screen) & (cat["flux"] > 0) & np.isfinite(cat["x"])
+    cand = (cat["flux"] > 0) & np.isfinite(cat["x"])
     if exclude is not None:
         cand &= ~exclude
-    idx = np.where(cand)[0]
+    idx = np.flatnonzero(cand)
+    drop, angle, sep = quadrupole_screen(
+        img - model - sky, variance, good, cat["x"][idx], cat["y"][idx], cat["flux"][idx], sx, sy
+    )
+    pick = drop > screen
+    idx, angle, sep = idx[pick], angle[pick], sep[pick]
     if idx.size == 0:
         return none
-    sep_c = np.clip(sep[idx], 0.5 * width, 2.0 * width)
-    dx, dy = 0.5 * sep_c * np.cos(angle[idx]), 0.5 * sep_c * np.sin(angle[idx])
+    sep_c = np.clip(sep, 0.5 * width, 2.0 * width)
+    dx, dy = 0.5 * sep_c * np.cos(angle), 0.5 * sep_c * np.sin(angle)
     px, py, pf = cat["x"][idx], cat["y"][idx], cat["flux"][idx]
     children = dict(
         x=np.column_stack([px + dx, px - dx]), y=np.column_stack([py + dy, py - dy]),

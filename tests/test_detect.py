@@ -234,6 +234,31 @@ def test_detect_max_sources_and_background_argument():
     assert detect(np.full((20, 20), np.nan), SIGMA)["x"].size == 0
 
 
+@pytest.mark.parametrize("exclude_border", [False, 3])
+def test_detect_in_area_finds_the_whole_image_peaks_there(exclude_border):
+    # The filters then run tile by tile (64 px, with margins); masks, edges and the climb of
+    # edge peaks must come out as in one whole-image search.
+    image, _, _ = field((150, 230), 220, seed=13)
+    mask = np.ones(image.shape, bool)
+    mask[60:70, 90:140] = False
+    area = np.zeros(image.shape, bool)
+    area[0:30, 100:180] = True  # the top edge
+    area[50:90, 200:230] = True  # the right edge
+    area[55:75, 80:150] = True  # around the masked band
+    kw = dict(mask=mask, background=OFFSET, noise=NOISE, exclude_border=exclude_border)
+    whole = detect(image, SIGMA, **kw)
+    r = np.clip(np.rint(whole["y"]).astype(int), 0, 149)
+    c = np.clip(np.rint(whole["x"]).astype(int), 0, 229)
+    inside = area[r, c]
+    assert inside.sum() >= 15
+    found = detect(image, SIGMA, area=area, **kw)
+    for k in whole:
+        np.testing.assert_allclose(found[k], whole[k][inside], rtol=1e-12, atol=1e-9)
+    assert detect(image, SIGMA, area=np.zeros(image.shape, bool), **kw)["x"].size == 0
+    with pytest.raises(ValueError, match="area shape"):
+        detect(image, SIGMA, area=area[:, :10], **kw)
+
+
 def test_detect_resolves_close_pair():
     # 5 px apart (2.5σ): one blurred peak in the matched filter, two in the sharper map.
     rng = np.random.default_rng(12)

@@ -260,8 +260,8 @@ def test_neighbour_searches_match_brute_force(monkeypatch):
     monkeypatch.setattr(_image, "detect", lambda *a, **k: dict(peaks))
     kw = dict(mask=np.ones(shape, bool), threshold=None, noise=1.0)
     no_stars = dict(x=np.zeros(0), y=np.zeros(0), radius=np.zeros(0))
-    _, _, new, near_new = _image._residual_peaks(
-        np.zeros(shape), np.ones(shape, bool), cat, crowdfit.get_psf("gaussian"), width,
+    new, near_new = _image._residual_peaks(
+        np.zeros(shape), np.ones(shape, bool), cat, np.zeros(shape), np.zeros(shape), width,
         no_stars, 0.0, 1.0, kw,
     )  # fmt: skip
     d = np.hypot(peaks["x"][:, None] - cat["x"], peaks["y"][:, None] - cat["y"])
