@@ -452,7 +452,7 @@ def _sample(values: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
     return np.where(inside & np.isfinite(v), v, np.nan)
 
 
-def _find_peaks(img, valid, bg, noise, sigma, sharpen, threshold, peak_options, info=(None,)*2):
+def _find_peaks(img, valid, bg, noise, sigma, sharpen, threshold, peak_options, info=(None, None)):
     """Peaks of the sharpened map kept where both maps are significant; see `detect`. `info`:
     the information maps of the two filters when they are known (crops of the whole image's)."""
     flux, information = _matched_filter_parts(img - bg, valid, sigma, info[0])
@@ -567,8 +567,17 @@ def _find_peaks_in(img, valid, bg, noise, sigma, sharpen, threshold, peak_option
             r1, c1 = min(r0 + _TILE, h), min(c0 + _TILE, w)
             a0, b0 = max(r0 - margin, 0), max(c0 - margin, 0)
             crop = np.s_[a0 : min(r1 + margin, h), b0 : min(c1 + margin, w)]
-            found = _find_peaks(img[crop], valid[crop], bg[crop], noise, sigma, sharpen,
-                                threshold, peak_options, info=(info[0][crop], info[1][crop]))  # fmt: skip
+            found = _find_peaks(
+                img[crop],
+                valid[crop],
+                bg[crop],
+                noise,
+                sigma,
+                sharpen,
+                threshold,
+                peak_options,
+                info=(info[0][crop], info[1][crop]),
+            )
             found["x"], found["y"] = found["x"] + b0, found["y"] + a0
             r, c = np.rint(found["y"]), np.rint(found["x"])
             core = (r >= r0) & (r < r1) & (c >= c0) & (c < c1)
