@@ -301,3 +301,21 @@ def test_fits_stopped_before_a_search_are_continued(monkeypatch):
     cat = crowdfit.fit_image(image, sigma=2.0)
     assert np.all(cat["status"] != crowdfit.Status.MAX_ITERATIONS)
     assert crowdfit.match(truth, cat).jaccard > 0.8
+
+
+def test_small_buckets_ride_in_the_padding_of_bigger_ones():
+    from crowdfit import _image
+    from crowdfit._fit import _default_sizes
+
+    chunk = _default_sizes(4 * 32**2)[0]
+    buckets = {(2, 16): [0, 1, 2], (4, 32): list(range(3, 3 + chunk - 5)), (2, 48): [99],
+               (8, 16): list(range(200, 200 + chunk))}  # fmt: skip
+    out = _image._fill_padding(buckets)
+    # (2, 16) fits in (4, 32)'s last chunk (5 free slots); (2, 48) has no bucket at least as
+    # wide; (8, 16)'s chunk is full, and no bucket holds it.
+    assert sorted(out) == [(2, 48), (4, 32), (8, 16)]
+    assert sorted(out[(4, 32)]) == [0, 1, 2, *buckets[(4, 32)]]
+    assert sorted(sum(out.values(), [])) == sorted(sum(buckets.values(), []))
+    assert _image._fill_padding({(2, 16): [0] * 3, (4, 32): [1] * chunk}) == {
+        (2, 16): [0] * 3, (4, 32): [1] * chunk
+    }
