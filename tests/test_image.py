@@ -317,5 +317,6 @@ def test_small_buckets_ride_in_the_padding_of_bigger_ones():
     assert sorted(out[(4, 32)]) == [0, 1, 2, *buckets[(4, 32)]]
     assert sorted(sum(out.values(), [])) == sorted(sum(buckets.values(), []))
     assert _image._fill_padding({(2, 16): [0] * 3, (4, 32): [1] * chunk}) == {
-        (2, 16): [0] * 3, (4, 32): [1] * chunk
+        (2, 16): [0] * 3,
+        (4, 32): [1] * chunk,
     }
