@@ -560,7 +560,8 @@ def fit_image(
     region are fitted with it but reported by their own region), and all regions are fitted in
     batches, each a sum of Gaussians plus one shared background; the field is fitted twice
     before anything is judged, so that every neighbour's light comes from its own fit. Then,
-    for up to `rounds` rounds, the residual image is searched for hidden neighbours; with
+    for up to `rounds` rounds, the residual image is searched for hidden neighbours (after the
+    first search, only where the model changed since the last one); with
     `split`, sources whose residual shows the quadrupole of an unresolved pair are tested as
     two sources against one (a likelihood-ratio test, see `crowdfit._split`); sources that are
     not significant (`flux / flux_err < min_snr`; for a weak source within 2 PSF widths of
