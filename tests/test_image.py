@@ -320,3 +320,17 @@ def test_small_buckets_ride_in_the_padding_of_bigger_ones():
         (2, 16): [0] * 3,
         (4, 32): [1] * chunk,
     }
+
+
+def test_changed_area_is_where_the_model_moved_within_reach():
+    from crowdfit import _image
+
+    ref = np.zeros((40, 50))
+    model = ref.copy()
+    model[10, 45] = 0.5  # above the tolerance
+    model[30, 5] = 0.05  # below it
+    area = _image._changed_area(model, ref, 0.1, 3)
+    expected = np.zeros(ref.shape, bool)
+    expected[7:14, 42:49] = True
+    np.testing.assert_array_equal(area, expected)
+    assert _image._changed_area(model, None, 0.1, 3) is None
