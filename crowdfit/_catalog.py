@@ -10,7 +10,9 @@ import math
 
 import numpy as np
 
+from ._problem import has_profile
 from ._psf import get_psf
+from ._render import render_separable
 
 __all__ = ["Catalog", "model_image", "residual_image"]
 
@@ -148,10 +150,13 @@ def model_image(catalog, shape, *, psf=None, background=None):
                     catalog["angle"] if "angle" in getattr(catalog, "columns", catalog) else
                     np.zeros_like(x), float)  # fmt: skip
         radius = int(math.ceil(5 * max(sx.max(), sy.max()) + 2))
-        out = _render_field(
-            psf, x, np.asarray(catalog["y"], float), np.asarray(catalog["flux"], float),
-            shape_params, h, w, radius,
-        )  # fmt: skip
+        y = np.asarray(catalog["y"], float)
+        flux = np.asarray(catalog["flux"], float)
+        if has_profile(psf):  # (as tiled matrix products: the same stamps, faster)
+            s_x, s_y = psf.widths(shape_params)
+            out = render_separable(psf.profile, x, y, flux, s_x, s_y, (h, w), radius)
+        else:
+            out = _render_field(psf, x, y, flux, shape_params, h, w, radius)
     if isinstance(background, str):
         if background != "catalog":
             raise ValueError("background must be None, a number, an array or 'catalog'")
