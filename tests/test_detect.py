@@ -105,6 +105,22 @@ def test_background_less_biased_than_median_in_crowd():
     assert abs(bias) < 0.5 * abs(np.median(image) - OFFSET)
 
 
+def test_background_mesh_of_even_boxes_is_a_reshape():
+    # Boxes that tile the image exactly are gathered by a reshape, the others by indexing;
+    # both must give the same boxes (NaN kept).
+    from crowdfit._detect import _Mesh
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(64, 96))
+    values[3, 7] = np.nan
+    even = _Mesh(values.shape, (16, 16))
+    uneven = _Mesh(values.shape, (16, 16))
+    uneven.even = False
+    assert even.even
+    np.testing.assert_array_equal(even.gather(values), uneven.gather(values))
+    assert not _Mesh((70, 96), (16, 16)).even
+
+
 def test_background_mask_and_box():
     rng = np.random.default_rng(5)
     image = rng.normal(OFFSET, NOISE, (96, 160))
