@@ -677,7 +677,7 @@ def fit_image(
     # The models on whose residual `bg_map` was estimated and the last search ran (None: none
     # yet), and where a residual changes with its model (see `_BACKGROUND_STALE`).
     bg_model = search_model = None
-    changed = lambda model, ref: _changed_area(  # noqa: E731
+    changed = lambda model, ref: _changed_area(
         model, ref, _CHANGE_TOL * noise_level, math.ceil(4 * width) + 1
     )
     for _ in range(rounds + 4):  # two first fits, `rounds` searches, refits after pruning
