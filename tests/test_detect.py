@@ -275,6 +275,26 @@ def test_detect_in_area_finds_the_whole_image_peaks_there(exclude_border):
         detect(image, SIGMA, area=area[:, :10], **kw)
 
 
+def test_local_maxima_are_those_of_peak_local_max():
+    import skimage.feature
+
+    from crowdfit._detect import _local_maxima
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(60, 80))
+    values[10, 20] = values[10, 21] = 9.0  # a two-pixel plateau
+    values[0, 0] = 8.0  # a corner
+    values[30:40, 50:60] = -np.inf  # masked
+    values = np.round(values, 1)  # more ties
+    for threshold in (-1.0, 0.5, 2.0):
+        np.testing.assert_array_equal(
+            _local_maxima(values, threshold),
+            skimage.feature.peak_local_max(values, threshold_abs=threshold, min_distance=1,
+                                           exclude_border=False, num_peaks=np.inf),
+        )  # fmt: skip
+    assert _local_maxima(np.full((5, 5), 3.0), 1.0).shape == (0, 2)
+
+
 def test_detect_resolves_close_pair():
     # 5 px apart (2.5σ): one blurred peak in the matched filter, two in the sharper map.
     rng = np.random.default_rng(12)
