@@ -464,7 +464,7 @@ def _local_maxima(values: np.ndarray, threshold: float) -> np.ndarray:
     decreasing value (ties in reading order): `skimage.feature.peak_local_max(values,
     threshold_abs=threshold, min_distance=1, exclude_border=False)`, whose spacing step keeps
     every such pixel at `min_distance=1`, by eight shifted comparisons instead of a maximum
-    filter (4× faster on a 2048² map)."""
+    filter (200 → 60 ms on a 2048² map)."""
     h, w = values.shape
     if values.max() == values.min():  # (a flat image has no peaks)
         return np.zeros((0, 2), np.intp)
@@ -676,7 +676,8 @@ def detect(
     - `sharpen`: width of the peak-finding filter in units of `sigma`, in `(0, 1]`.
     - `area`: optional `(H, W)` booleans: look for peaks at these pixels only. The filters then
       run only on the 64-pixel tiles that hold them (with margins that make their maps the
-      whole image's there): a search of a few small areas of a big image is much faster.
+      whole image's there): a search of a few small areas of a big image is much faster. (A
+      background this call estimates, `background=None`, is still the whole image's.)
 
     **Returns:** a dict of `(N,)` float arrays, most significant first: `x` (column), `y` (row),
     `flux_guess` and `snr` (the matched-filter signal-to-noise ratio at the peak).

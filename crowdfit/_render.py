@@ -4,9 +4,9 @@ A separable source's light is `flux · p(y − y0; s_y) · p(x − x0; s_x)` (`P
 `T × T` tile, the light of the `n` sources that reach it is `Gy @ Gx`, with `Gy` `(T, n)` their
 row profiles and `Gx` `(n, T)` their flux-weighted column profiles. One batched matrix product
 over the tiles replaces a stamp of `(2r + 1)²` pixels per source scattered into the image
-(`_simulate._render_field`, which every other PSF still uses): on a 2048² field of 18 700
-sources 0.29 s became about 0.03 s, and `fit_image` renders its catalog's model several times a
-call.
+(`_simulate._render_field`, which every other PSF still uses): 18 → 6 ms for 3500 sources on
+512², 166 → 55 ms for 18 700 on 2048² (`fit_image` renders its catalog's model several times a
+call).
 """
 
 from __future__ import annotations
@@ -61,11 +61,10 @@ def render_separable(profile, x, y, flux, sigma_x, sigma_y, shape, radius: int) 
     (100.0, (np.int64(4), np.int64(5)))
     """
     h, w = int(shape[0]), int(shape[1])
-    out = np.zeros((h, w))
     col0, row0 = np.rint(x).astype(np.int64), np.rint(y).astype(np.int64)
     touches = (col0 >= -radius) & (col0 < w + radius) & (row0 >= -radius) & (row0 < h + radius)
     if not touches.any():
-        return out
+        return np.zeros((h, w))
     sx, sy = (np.broadcast_to(v, touches.shape)[touches] for v in (sigma_x, sigma_y))
     x, y, flux, col0, row0 = x[touches], y[touches], flux[touches], col0[touches], row0[touches]
     d = np.arange(-radius, radius + 1)
@@ -120,5 +119,4 @@ def render_separable(profile, x, y, flux, sigma_x, sigma_y, shape, radius: int) 
         canvas[r0 * t : r1 * t] = (
             light.reshape(r1 - r0, nx, t, t).transpose(0, 2, 1, 3).reshape((r1 - r0) * t, nx * t)
         )
-    out[:] = canvas[:h, :w]
-    return out
+    return canvas[:h, :w].copy()
