@@ -11,9 +11,31 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Region", "group_sources", "bucket_regions", "pad_window", "pad_windows"]
+__all__ = [
+    "Region",
+    "default_max_window",
+    "group_sources",
+    "bucket_regions",
+    "pad_window",
+    "pad_windows",
+]
 
 _FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def default_max_window(sigma: float) -> int:
+    """The default bound on a region's window side: 16 PSF widths, rounded up to a multiple of
+    16 pixels, and at least 32 (`max(32, 16 ⌈σ⌉)`: 32 up to σ = 2, 48 to σ = 3, 80 at σ = 5).
+
+    Regions must hold the same crowd whatever the pixel scale. A fixed 32 pixels left a region
+    at σ = 5 little more than one source's footprint (the margin alone is 3σ a side): on fields
+    of 0.1 stars/FWHM² the Jaccard index fell from 0.997 to 0.961 / 0.858 / 0.698 at
+    σ = 3 / 3.5 / 5, with false sources in the wings, and came back to 0.997 with this bound.
+
+    >>> default_max_window(2.0), default_max_window(3.5), default_max_window(0.8)
+    (32, 64, 32)
+    """
+    return max(32, 16 * math.ceil(float(sigma) - 1e-9))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -131,7 +153,7 @@ def group_sources(
     *,
     radius: float | None = None,
     max_sources: int = 8,
-    max_window: int = 32,
+    max_window: int | None = None,
     margin: int | None = None,
     max_total: int | None = None,
     flux=None,
@@ -167,7 +189,8 @@ def group_sources(
     - `shape`: `(H, W)` of the image.
     - `radius`: linking distance in pixels; default `2 · FWHM`.
     - `max_sources`: most members per region.
-    - `max_window`: most pixels per window side.
+    - `max_window`: most pixels per window side; default `default_max_window(sigma)` (32 up
+      to σ = 2, then 16σ rounded up to a multiple of 16).
     - `margin`: pixels around the members' bounding box; default `ceil(3σ)`.
     - `max_total`: most members plus neighbours per region; default `2 * max_sources`.
     - `flux`: optional `(N,)` fluxes to rank neighbours by their light on the window.
@@ -191,6 +214,7 @@ def group_sources(
     max_total = 2 * max_sources if max_total is None else int(max_total)
     if max_sources < 1 or max_total < max_sources:
         raise ValueError("need 1 <= max_sources <= max_total")
+    max_window = default_max_window(sigma) if max_window is None else int(max_window)
     if max_window < 1:
         raise ValueError("max_window must be positive")
     n = x.size

@@ -38,9 +38,10 @@ _SHAPE_NAMES = ("sigma", "sigma_x", "sigma_y", "angle")
 # Region shapes: members rounded up to one of `_K_BUCKETS`, the window side to one of
 # `_SIZE_BUCKETS` (past the largest, a multiple of it). Each shape used compiles one program
 # (about 2 s on a CPU). 48 serves `max_window` up to 48: padded to 64, such windows took 1.8×
-# the defaults' time on dense fields; at 48, 1.2×.
+# the defaults' time on dense fields; at 48, 1.2×. Steps of 16 up to 128 serve the default
+# `max_window` of wide PSFs (`default_max_window`, a multiple of 16) without padding.
 _K_BUCKETS = (2, 4, 8, 16)
-_SIZE_BUCKETS = (16, 32, 48)
+_SIZE_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
 # The residual's smooth background is estimated again (and the residual searched everywhere)
@@ -545,7 +546,7 @@ def fit_image(
     min_snr: float = 5.0,
     rounds: int = 3,
     max_sources: int = 8,
-    max_window: int = 32,
+    max_window: int | None = None,
     split: bool = True,
     spikes: bool = True,
     saturation: float | None = None,
@@ -589,13 +590,15 @@ def fit_image(
     - `rounds`: rounds of residual search and refit after the first fit. Very dense fields gain
       from more: at 0.3 stars/FWHM², 6 rounds raised the Jaccard index by 0.007–0.011 for about
       30 % more time.
-    - `max_sources`, `max_window`: bounds on a region (members, pixels a side). Bigger regions
-      hold fewer neighbours as known light at their edges and resolve crowds better, at a cost
-      in time: on twenty 256² fields, `max_sources=16, max_window=48` raised the Jaccard index
-      from 0.900 to 0.927 at 0.3 stars/FWHM² (0.942 to 0.958 at 0.2, 0.979 at 0.1 both) for
-      about 1.2× the warm time; the mean flux error moved from +2.7 % to +3.0 %. Its bigger
-      region shapes compile more programs: a first call on a dense field takes about twice as
-      long.
+    - `max_sources`, `max_window`: bounds on a region (members, pixels a side). `max_window`
+      `None` (default) scales with the PSF: 32 up to σ = 2, then 16σ rounded up to a multiple
+      of 16 (`crowdfit._group.default_max_window`; with σ estimated, from the estimate). Bigger
+      regions hold fewer neighbours as known light at their edges and resolve crowds better,
+      at a cost in time: on twenty 256² fields, `max_sources=16, max_window=48` raised the
+      Jaccard index from 0.900 to 0.927 at 0.3 stars/FWHM² (0.942 to 0.958 at 0.2, 0.979 at
+      0.1 both) for about 1.2× the warm time; the mean flux error moved from +2.7 % to +3.0 %.
+      Its bigger region shapes compile more programs: a first call on a dense field takes about
+      twice as long.
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
       `rounds=1, split=False` is the fast end of the dial (big regions, above, the accurate
@@ -647,8 +650,8 @@ def fit_image(
     psf_error = float(psf_error)
     if saturation is not None and not (np.ndim(saturation) == 0 and float(saturation) > 0):
         raise ValueError(f"saturation must be a positive number (np.inf: none), got {saturation}")
-    if rounds < 0 or max_sources < 1 or max_window < 8:
-        raise ValueError("rounds must be >= 0, max_sources >= 1 and max_window >= 8")
+    if rounds < 0 or max_sources < 1 or (max_window is not None and max_window < 8):
+        raise ValueError("rounds must be >= 0, max_sources >= 1 and max_window >= 8 (or None)")
     img, good = _check_image(image, mask)
     img = img - offset
     shape = img.shape

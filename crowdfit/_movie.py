@@ -543,7 +543,7 @@ def fit_movie(
     threshold: float | None = None,
     min_snr: float = 5.0,
     max_sources: int = 8,
-    max_window: int = 32,
+    max_window: int | None = None,
     max_iter: int = 50,
     chunk_frames: int | None = None,
     spikes: bool = True,

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _image
 from ._catalog import Catalog, empty_columns
+from ._group import default_max_window
 from ._image import fit_image, saturation_message, spike_message
 from ._movie import (
     Traces,
@@ -162,8 +163,9 @@ def fit_image_dask(
 
     - `array`: an `(H, W)` dask array, numpy array or memmap (read lazily, tile by tile).
     - `tile`: tile side in pixels, one number or `(rows, cols)`.
-    - `halo`: pixels of context around each tile (default `max_window`, 32: a region's window
-      and its neighbours fit in it).
+    - `halo`: pixels of context around each tile (default: `max_window`, whose default with
+      `sigma` given is `default_max_window(sigma)`, 32 up to σ = 2; without `sigma`, 32: pass
+      `sigma` for PSFs wider than 2 px). A region's window and its neighbours fit in it.
     - `mask`: `(H, W)` True where a pixel counts (a numpy array).
     - `progress_bar`: show progress (dask's local scheduler only).
     - `fit_image_kwargs`: passed to `fit_image` (`sigma`, `psf`, `background`, `noise`, ...).
@@ -188,7 +190,12 @@ def fit_image_dask(
         raise TypeError("fit_image_dask takes the image as its first argument")
     h, w = shape
     th, tw = _tile_sizes(tile)
-    halo = int(fit_image_kwargs.get("max_window", 32) if halo is None else halo)
+    if halo is None:
+        sigma = fit_image_kwargs.get("sigma")
+        halo = fit_image_kwargs.get("max_window")
+        if halo is None:
+            halo = 32 if sigma is None else default_max_window(float(np.max(sigma)))
+    halo = int(halo)
     if halo < 0:
         raise ValueError(f"halo must be >= 0, got {halo}")
     if mask is not None:
@@ -285,7 +292,7 @@ def fit_movie_dask(
     threshold: float | None = None,
     min_snr: float = 5.0,
     max_sources: int = 8,
-    max_window: int = 32,
+    max_window: int | None = None,
     max_iter: int = 50,
     chunk_frames: int | None = None,
     spikes: bool = True,

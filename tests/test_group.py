@@ -9,7 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from crowdfit._group import Region, bucket_regions, group_sources, pad_window, pad_windows
+from crowdfit._group import (
+    Region,
+    bucket_regions,
+    default_max_window,
+    group_sources,
+    pad_window,
+    pad_windows,
+)
 
 K_BUCKETS = (1, 2, 4, 8, 16)
 SIZE_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
@@ -152,7 +159,7 @@ def test_dense_field_is_bounded_and_fast(n, sigma):
     regions = group_sources(x, y, sigma, (512, 512))
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0
-    check_regions(regions, x, y, (512, 512))
+    check_regions(regions, x, y, (512, 512), max_window=default_max_window(sigma))
     buckets = bucket_regions(regions)
     assert len(buckets) <= len(K_BUCKETS) * len(SIZE_BUCKETS) ** 2
     if n == 6000:
@@ -171,6 +178,20 @@ def test_duplicate_positions_are_split():
 def test_lone_source_with_huge_margin_gets_max_window():
     regions = group_sources([50.0], [50.0], 2.0, (100, 100), margin=40, max_window=32)
     assert regions[0].window == (34, 66, 34, 66)
+
+
+def test_default_window_bound_scales_with_sigma():
+    # A row of sources 3 sigma apart at sigma = 5: 32 px would cut it into 1-2-source regions.
+    x = 20.0 + 15.0 * np.arange(12)
+    y = np.full(12, 60.0)
+    assert [default_max_window(s) for s in (0.5, 2.0, 2.01, 3.0, 3.5, 5.0)] == [
+        32, 32, 48, 48, 64, 80
+    ]  # fmt: skip
+    regions = group_sources(x, y, 5.0, (120, 220))
+    check_regions(regions, x, y, (120, 220), max_window=80)
+    assert max(max(r.shape) for r in regions) > 32
+    narrow = group_sources(x, y, 5.0, (120, 220), max_window=32)
+    assert len(narrow) > len(regions)
 
 
 def test_empty_and_invalid():

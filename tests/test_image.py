@@ -197,6 +197,16 @@ def test_border_spot_is_fitted():
     assert cat["flux"][0] == pytest.approx(truth["flux"][0], rel=0.05)
 
 
+def test_wide_psf_regions_scale_with_sigma():
+    # sigma = 4: a fixed 32-px window bound (8 sigma, barely one source and its 3-sigma margins)
+    # gave 3 false sources here and fluxes 1.7 % low; the default bound is 64 px (16 sigma).
+    image, truth = crowdfit.simulate_field((160, 160), 30, sigma=4.0, flux=10053.0, seed=3)
+    cat = crowdfit.fit_image(image, sigma=4.0)
+    m = crowdfit.match(truth, cat, radius=2.0)
+    assert len(cat) == 30 and m.n_matched == 30
+    assert abs(m.flux_bias_mean) < 0.01
+
+
 @pytest.mark.parametrize(
     "kwargs, image, message",
     [
