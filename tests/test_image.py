@@ -254,6 +254,17 @@ def test_width_estimate_ignores_the_blends_tail():
     assert abs(_core_median(clean) - np.median(clean)) < 0.01
 
 
+def test_width_estimate_in_a_field_of_faint_stars():
+    # S/N 17 a star: none is above S/N 20 in the first fit, where the few that come close are
+    # blends; their widths gave sigma = 2.16 and fluxes 11 % high.
+    image, truth = crowdfit.simulate_field((256, 256), 150, sigma=2.0, flux=600.0, seed=4)
+    cat = crowdfit.fit_image(image)
+    assert cat.meta["sigma"] == pytest.approx(2.0, rel=0.01)
+    m = crowdfit.match(truth, cat, radius=1.0)
+    assert abs(m.flux_bias_median) < 0.03
+    assert m.recall > 0.9
+
+
 def test_neighbour_searches_match_brute_force(monkeypatch):
     # `_residual_peaks` and `_warranted` find close pairs on a grid (`_pairs_within`, pairs in
     # either order), not from dense distance matrices; they must agree with the brute force.
