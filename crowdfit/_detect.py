@@ -208,15 +208,17 @@ def _median_filter3(mesh: np.ndarray) -> np.ndarray:
 
 
 def _interp_weights(centres: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and weights for linear interpolation, constant past the outer centres."""
+    """Indices and weights for linear interpolation, extrapolated past the outer centres."""
     q = np.arange(n, dtype=np.float64)
     if centres.size == 1:
         return np.zeros(n, dtype=np.intp), np.zeros(n)
     idx = np.clip(np.searchsorted(centres, q) - 1, 0, centres.size - 2)
-    # Extrapolating the slope instead would follow a gradient better up to the edges, but it
-    # amplifies the noise of the outer boxes (measured: the worst error of a pure-noise map grows
-    # by a third), so the outer half boxes are flat.
-    t = np.clip((q - centres[idx]) / (centres[idx + 1] - centres[idx]), 0.0, 1.0)
+    # The outer half boxes follow the outer boxes' slope. Held flat there (as before), a
+    # gradient of 2 counts per pixel left the map 8 counts off at the edges, and the residual
+    # search found 60-80 false sources along them on a 256² field; extrapolating amplifies the
+    # outer boxes' noise (the worst error of a pure-noise map grows by about a third), which
+    # left the Jaccard index on flat fields unchanged (-0.0002 ± 0.0003 on ten 512² fields).
+    t = (q - centres[idx]) / (centres[idx + 1] - centres[idx])
     return idx, t
 
 
@@ -277,8 +279,8 @@ def estimate_background(image, mask=None, *, box=None, sigma=None) -> np.ndarray
     the window, and only their faint wings bias the level (a clipped median is biased about three
     times more in a crowd). Boxes with under a fifth of their pixels valid are filled from their
     neighbours; the mesh is 3×3 median filtered (a bright star or a dense cluster spoils a box,
-    not the map) and interpolated bilinearly from the box centres to every pixel (constant past
-    the outer centres, half a box from the edges). This is done
+    not the map) and interpolated bilinearly from the box centres to every pixel (extrapolated
+    past the outer centres, half a box from the edges). This is done
     twice, the second time on the image minus the first map, so that a gradient inside a box does
     not widen its pixel distribution.
 

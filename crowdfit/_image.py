@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import scipy.ndimage
 
+from ._background import sky_shape
 from ._catalog import COLUMNS, Catalog, empty_columns, model_image
 from ._detect import (
     DEFAULT_THRESHOLD,
@@ -59,6 +60,10 @@ _CHANGE_TOL = 0.01
 # 9 % (another twenty: 0.932 to 0.937, 8 %).
 _SEARCH_MAX_ITER = 20
 _MAX_ITER = 50  # every other fit's (`fit_regions`' default)
+# Where the smooth background map changes across a region's window by more than this many
+# noise σ, its shape there is known light and the region's background the level on top
+# (`_background.sky_shape`).
+_SKY_RANGE = 1.0
 # Set by `crowdfit.dask`'s tile tasks: the caller reports masked spikes and saturated pixels
 # once for the whole image, not every tile on its own thread.
 _QUIET = threading.local()
@@ -183,12 +188,15 @@ def _fit_all(
     progress_bar,
     previous=None,
     max_iter=_MAX_ITER,
+    sky_tol=np.inf,
 ):
     """Fit every source jointly with its neighbours; returns per-source results (members).
 
     With a `previous` catalog, `src["prev"]` `(N,)` (each source's row there, -1 if new) and
     `src["dirty"]` `(N,)`, only regions with a dirty member are refitted; the others keep their
-    previous results. `max_iter`: the fits' iteration limit.
+    previous results. `max_iter`: the fits' iteration limit. `sky_tol`: where the smooth map
+    `src["background_map"]` varies across a window by more than this, its shape there is known
+    light (`_background.sky_shape`).
 
     **Returns:** `(columns, n_regions, n_fitted, refitted)`: the per-source columns, the number
     of regions and of regions fitted in this call, and `refitted` `(N,)`, True for the sources
@@ -248,23 +256,26 @@ def _fit_all(
         init["flux"][row, slot] = np.maximum(src["flux"][flat], 1e-3)
         # Neighbours are measured by their own region; here their light is known.
         known = _neighbour_light(regs, origins, src, psf, shape_vals, size)
+        tilt, level, varies = sky_shape(src["background_map"], windows, size, masks, sky_tol)
+        known = known + tilt
+        bg0 = np.where(varies, level, _window_means(cum, windows))
         for name, v in shape_vals.items():
             init[name][:] = v
         for name in ("x", "y"):  # padded slots: anywhere inside the window
             init[name][~valid] = size / 2
         init["flux"][~valid] = 1.0
-        bg0 = _window_means(cum, windows)
         init["background"] = bg0 if nb == 1 else np.column_stack([bg0, np.zeros((b, 2))])
         res = fit_regions(
             crops, init, psf=psf, background=background, noise=noise, mask=masks,
             valid=valid, known=known, fixed=fixed, tol=FIT_TOL, max_iter=max_iter,
         )  # fmt: skip
-        return regs, origins, flat, row, slot, jax.device_get(res)
+        return regs, origins, flat, row, slot, bg0, varies, jax.device_get(res)
 
     # Buckets are prepared and fitted side by side on a CPU: one bucket's host work and the
     # last, thin stages of its fit leave cores free for another's.
     fitted = cpu_map(fit_bucket, items, pool="buckets")
-    for regs, origins, flat, row, slot, res in progress(
+    bg_map = src["background_map"]
+    for regs, origins, flat, row, slot, bg0, varies, res in progress(
         fitted, total=len(items), desc="fitting", enabled=progress_bar
     ):
         p, e = res.params, res.errors
@@ -278,6 +289,10 @@ def _fit_all(
         out["sigma_y"][flat] = p.get("sigma_y", p.get("sigma"))[row, slot]
         bgp = p["background"][row]
         out["background"][flat] = bgp if nb == 1 else bgp[:, 0] + bgp[:, 1] * px + bgp[:, 2] * py
+        # (plus, where the map's shape was known light, that shape under the source)
+        r = np.clip(np.rint(np.nan_to_num(out["y"][flat])), 0, h - 1).astype(int)
+        c = np.clip(np.rint(np.nan_to_num(out["x"][flat])), 0, w - 1).astype(int)
+        out["background"][flat] += np.where(varies[row], bg_map[r, c] - bg0[row], 0.0)
         out["group"][flat] = np.array([r.group for r in regs])[row]
         out["status"][flat] = res.status[row]
         out["iterations"][flat] = res.iterations[row]
@@ -391,7 +406,7 @@ def _prune(cat, sigma, min_snr, shape, protect, floor_err):
     return keep
 
 
-def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
+def _warranted(img, good, cat, width, min_snr, shape, only=None, sky=None, **test_kw):
     """`(N,)` True for weak sources in a close group that the likelihood-ratio test upholds.
 
     `only` `(N,)`: test just these sources (the others get False).
@@ -439,8 +454,9 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, **test_kw):
     smaller["valid"][:, -1] = False
     model = model_image({k: v[ok] for k, v in cat.items()}, shape, psf=test_kw["psf"])
     gain, _, _ = nested_test(
-        img, good, model, p, smaller, larger, np.nan_to_num(cat["background"][i]), **test_kw
-    )
+        img, good, model, p, smaller, larger, np.nan_to_num(cat["background"][i]), sky=sky,
+        **test_kw,
+    )  # fmt: skip
     out[i[gain > PAIR_THRESHOLD]] = True
     return out
 
@@ -594,8 +610,13 @@ def fit_image(
       sources and held fixed. `None` (default) estimates it from the data: from isolated bright
       detections, then refined by fitting every source's width once and taking the median of
       the core of those widths (blends fit wider; see `_core_median`).
-    - `background`: `"constant"` or `"plane"`, per region; a smooth global background is
-      estimated first so fits start right on images with gradients.
+    - `background`: `"constant"` or `"plane"`, per region, on top of a smooth background map
+      of the whole image. The map gives each region its starting level; where it changes by
+      more than the noise across a region's window (a gradient steeper than about 1/30 of the
+      noise per pixel), its shape there is part of the model and the region fits the level on
+      top (`crowdfit._background.sky_shape`). Gradients of 0.5–2 counts per pixel at noise 5
+      then give the Jaccard index of a flat field (0.955–0.962 against 0.960 on 256² fields
+      up to 0.3 stars/FWHM²; a constant alone gave 0.93 / 0.61 / 0.26).
     - `noise`: `"gaussian"` or `"poisson"` (counts; subtract a camera `offset`).
     - `mask`: `(H, W)` True where a pixel counts.
     - `threshold`: detection threshold in σ of the filtered image (default 5).
@@ -687,8 +708,9 @@ def fit_image(
     width = max(v for k, v in shape_vals.items() if k != "angle")
 
     src = dict(x=det["x"], y=det["y"], flux=det["flux_guess"], background_map=bg_map)
+    sky_tol = _SKY_RANGE * noise_level
     fit_kw = dict(background=background, noise=noise, max_sources=max_sources,
-                  max_window=max_window, progress_bar=progress_bar)  # fmt: skip
+                  max_window=max_window, progress_bar=progress_bar, sky_tol=sky_tol)  # fmt: skip
     cat, n_regions, keep, fits, last_protect = None, 0, None, 0, None
     # The models on whose residual `bg_map` was estimated and the last search ran (None: none
     # yet), and where a residual changes with its model (see `_BACKGROUND_STALE`).
@@ -728,7 +750,8 @@ def fit_image(
             # average over 34 fields, for one more residual search.)
             src = dict(src, x=cat["x"], y=cat["y"], flux=cat["flux"])
             continue
-        test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise)
+        test_kw = dict(psf=psf, shape_vals=shape_vals, background_model=background, noise=noise,
+                       sky_tol=sky_tol)  # fmt: skip
         # Judged with the error a source inherits from its neighbours' PSF error, too.
         model_err = _model_error(cat, width, psf_error)
         judged = dict(cat, snr=cat["flux"] / np.hypot(cat["flux_err"], model_err))
@@ -737,7 +760,7 @@ def fit_image(
         protect = np.zeros(cat["x"].size, bool)
         if split:
             protect = _warranted(img, good, judged, width, min_snr, shape, only=refitted,
-                                 **test_kw)  # fmt: skip
+                                 sky=src["background_map"], **test_kw)  # fmt: skip
             if previous is not None:
                 old = ~refitted
                 protect[old] = last_protect[src["prev"][old]]

@@ -28,6 +28,7 @@ import math
 
 import numpy as np
 
+from ._background import sky_shape
 from ._fit import fit_regions
 from ._group import pad_windows
 from ._psf import render_windows
@@ -102,7 +103,7 @@ def _window_size(width):
 
 def nested_test(
     img, good, model, removed, smaller, larger, background, *, psf, shape_vals,
-    background_model, noise,
+    background_model, noise, sky=None, sky_tol=np.inf,
 ):  # fmt: skip
     """Are the extra sources of `larger` warranted over `smaller`? A likelihood-ratio statistic
     for each of `C` candidates, on a window around each.
@@ -116,6 +117,9 @@ def nested_test(
     - `smaller`, `larger`: dicts of `(C, K)` starting `x, y, flux` and `valid` of the two
       models; `larger` has 1 more source (3 more parameters) where `smaller` is nested in it.
     - `background`: `(C,)` starting background level.
+    - `sky`, `sky_tol`: optional `(H, W)` smooth background map; its shape on each window where
+      it varies by more than `sky_tol` is added to the known light (`_background.sky_shape`),
+      and the fitted background is the level on top.
 
     **Returns:** `(gain, ok, fit)`: `(C,)` twice the log-likelihood gain of `larger` (χ² gain
     over the residual variance for Gaussian noise, an F test), `(C,)` True where both fits
@@ -134,6 +138,8 @@ def nested_test(
     q = dict(x=removed["x"] - ox[:, None], y=removed["y"] - oy[:, None], flux=removed["flux"])
     own = render_windows(psf, {**q, **shape_vals}, size)
     known = model_crops - own
+    if sky is not None:
+        known = known + sky_shape(sky, windows, size, masks, sky_tol)[0]
     # One batch: the C smaller models, then the C larger ones (one compiled shape).
     both = {n: np.concatenate([smaller[n], larger[n]]) for n in ("x", "y", "flux", "valid")}
     valid = both.pop("valid")
@@ -171,13 +177,16 @@ def nested_test(
 def find_splits(
     img, good, cat, model, sky, *, psf, shape_vals, background_model, noise, noise_level,
     screen=SCREEN_THRESHOLD, threshold=PAIR_THRESHOLD, exclude=None, psf_error=0.0,
+    sky_tol=np.inf,
 ):  # fmt: skip
     """Which sources of a fitted catalog are unresolved pairs, and the pairs' fits.
 
     **Arguments:** `img`, `good` `(H, W)` (offset-subtracted data and valid pixels); `cat` the
     catalog columns (dict of `(N,)`); `model` `(H, W)` its sources' light; `sky` `(H, W)` the
     smooth background; `noise_level` the Gaussian noise σ; `psf_error` the PSF model's
-    fractional error, added to each pixel's variance for the screen; `screen` the least
+    fractional error, added to each pixel's variance for the screen; `sky_tol`: the range
+    across a test window beyond which `sky`'s shape there is known light (see `nested_test`);
+    `screen` the least
     residual-quadrupole χ² drop for a candidate; `exclude` `(N,)` sources not to try (e.g.
     next to a new residual detection, which explains their residual better).
 
@@ -223,7 +232,8 @@ def find_splits(
     two = dict(children, valid=np.ones((idx.size, 2), bool))
     gain, ok, fit = nested_test(
         img, good, model, removed, one, two, np.nan_to_num(cat["background"][idx]), psf=psf,
-        shape_vals=shape_vals, background_model=background_model, noise=noise,
+        shape_vals=shape_vals, background_model=background_model, noise=noise, sky=sky,
+        sky_tol=sky_tol,
     )  # fmt: skip
     sep = np.hypot(fit["x"][:, 0] - fit["x"][:, 1], fit["y"][:, 0] - fit["y"][:, 1])
     # Both parts stay around the parent (a part that ran onto a neighbour is fitting that
