@@ -59,6 +59,9 @@ _CHANGE_TOL = 0.01
 # fields (0.1–0.3 stars/FWHM²) the Jaccard index went from 0.932 to 0.944 and the time down
 # 9 % (another twenty: 0.932 to 0.937, 8 %).
 _SEARCH_MAX_ITER = 20
+# With σ estimated, the PSF's width is measured again on the finished catalog; when that moved
+# it by more than this fraction, the image is measured again with the new width.
+_WIDTH_TOL = 0.005
 _MAX_ITER = 50  # every other fit's (`fit_regions`' default)
 # Where the smooth background map changes across a region's window by more than this many
 # noise σ, its shape there is known light and the region's background the level on top
@@ -317,6 +320,18 @@ def _width_sources(cat, snr=(20.0, 10.0), enough=30):
     converged = cat["status"] == 0
     ok = converged & (cat["snr"] > snr[0])
     return ok if ok.sum() >= enough else converged & (cat["snr"] > snr[1])
+
+
+def _measured_width(cat, psf, faint=True):
+    """The PSF's width from a fit of every source's own width (`_width_sources`, the core
+    median of their widths): one number, or `(sigma_x, sigma_y)` for an elliptical PSF; `None`
+    with fewer than 3 sources to measure it (`faint=False`: fewer than 30 above S/N 20, which
+    are then the only ones used)."""
+    ok = _width_sources(cat, snr=(20.0, 10.0 if faint else np.inf))
+    if ok.sum() < 3:
+        return None
+    sx, sy = _core_median(cat["sigma_x"][ok]), _core_median(cat["sigma_y"][ok])
+    return (sx, sy) if "sigma_x" in psf.params else math.sqrt(sx * sy)
 
 
 def _core_median(v, k=2.0):
@@ -609,7 +624,14 @@ def fit_image(
     - `sigma`: the PSF width in pixels, one number or `(sigma_x, sigma_y)`, shared by all
       sources and held fixed. `None` (default) estimates it from the data: from isolated bright
       detections, then refined by fitting every source's width once and taking the median of
-      the core of those widths (blends fit wider; see `_core_median`).
+      the core of those widths (blends fit wider; see `_core_median`). In a crowd the first
+      fit still holds hidden neighbours and pairs as one source each, so the width is measured
+      again on the finished catalog (sources above S/N 20), and when that moves it by more than
+      0.5 % the image is measured again with the new width (`meta["sigma_first"]`: the first
+      estimate). On 512² fields at 0.2 / 0.3 stars/FWHM² that took σ from 1.978 / 2.069 to
+      1.995 / 1.992 (true 2), the median flux error from −1.7 / +2.5 % to −0.8 / −1.3 % and
+      the Jaccard index at 0.3 from 0.824 to 0.889 (σ given: 0.895), for twice the time. Pass
+      `sigma` when you know it.
     - `background`: `"constant"` or `"plane"`, per region, on top of a smooth background map
       of the whole image. The map gives each region its starting level; where it changes by
       more than the noise across a region's window (a gradient steeper than about 1/30 of the
@@ -703,6 +725,7 @@ def fit_image(
     if first is None:  # nothing detected to estimate the PSF width from
         return Catalog(empty_columns(), {**meta, "sigma": None})
     good, noise_level, bg_map, det, sigma, free_shape, stars = first
+    estimated = free_shape
     det_kw = dict(mask=good, threshold=threshold, noise=noise_level)
     shape_vals = _shape_values(psf, sigma)
     width = max(v for k, v in shape_vals.items() if k != "angle")
@@ -735,11 +758,9 @@ def fit_image(
         cut_short = capped and bool(np.any(cat["status"] == Status.MAX_ITERATIONS))
         meta["region_fits"] += n_fitted
         if free_shape:
-            ok = _width_sources(cat)
-            if ok.sum() >= 3:
-                sx = _core_median(cat["sigma_x"][ok])
-                sy = _core_median(cat["sigma_y"][ok])
-                sigma = (sx, sy) if ("sigma_x" in psf.params) else math.sqrt(sx * sy)
+            measured = _measured_width(cat, psf)
+            if measured is not None:
+                sigma = measured
                 shape_vals = _shape_values(psf, sigma)
                 width = max(v for k, v in shape_vals.items() if k != "angle")
             free_shape = False
@@ -833,6 +854,30 @@ def fit_image(
     stale = changed(model, bg_model)
     if stale is None or stale.mean() > _BACKGROUND_STALE:  # (else the last estimate stands)
         bg_map = estimate_background(img - model, good, sigma=width)
+    if estimated and cat["x"].size >= 3:
+        # The first estimate came from the detections' fits, where a crowd's hidden neighbours
+        # and unresolved pairs were still one source each; measured again on the finished
+        # catalog, and the image measured again when it moved.
+        src = dict(x=cat["x"], y=cat["y"], flux=cat["flux"], background_map=bg_map)
+        widths, *_ = _fit_all(img, good, src, psf, shape_vals, free_shape=True, **fit_kw)
+        # (Only sources above S/N 20 measure it here: the finished catalog's faint ones, its
+        # hidden neighbours and noise peaks among them, pulled it 1-2 % low in faint fields.)
+        refined = _measured_width(widths, psf, faint=False)
+        moved = refined is not None and np.max(
+            np.abs(np.divide(refined, sigma) - 1)) > _WIDTH_TOL  # fmt: skip
+        if moved:
+            with warnings.catch_warnings():  # (the image's warnings were given once)
+                warnings.simplefilter("ignore")
+                again = fit_image(
+                    image, psf=psf, sigma=refined, background=background, noise=noise,
+                    mask=mask, threshold=threshold, offset=offset, min_snr=min_snr,
+                    rounds=rounds, max_sources=max_sources, max_window=max_window,
+                    split=split, spikes=spikes, saturation=saturation, psf_error=psf_error,
+                    progress_bar=progress_bar,
+                )  # fmt: skip
+            again.meta.update(sigma_first=sigma, region_fits=again.meta["region_fits"]
+                              + meta["region_fits"])  # fmt: skip
+            return again
     meta.update(
         sigma=sigma, n_regions=n_regions, noise_level=noise_level, background_image=bg_map + offset
     )  # fmt: skip
