@@ -209,6 +209,18 @@ class RegionProblem:
         a = jnp.repeat(moving.astype(dtype), nf)
         return jnp.concatenate([a, jnp.ones((self.n_background * self.background_free,), dtype)])
 
+    def damping_floor(self, diag, tiny, flux_floor):
+        """`(P,)` the least damping scale of each entry of `u` for Levenberg–Marquardt, from
+        the Gauss–Newton diagonal `diag` `(P,)`: `tiny` times the largest diagonal of the same
+        parameter across the region's sources (they share units; each background parameter
+        on its own), `flux_floor` times it for the fluxes."""
+        nf = len(self.free_names)
+        n = self.n_sources * nf
+        factor = jnp.array([flux_floor if nm == "flux" else tiny for nm in self.free_names])
+        per_kind = jnp.max(diag[:n].reshape(self.n_sources, nf), axis=0) * factor
+        parts = [jnp.tile(per_kind, self.n_sources)] if nf else []
+        return jnp.concatenate([*parts, tiny * diag[n:]]) + tiny
+
     def loss(self, u, data):
         """Half the χ² (Gaussian) or half the deviance (Poisson) of the region."""
         mu = self.model(u, data)

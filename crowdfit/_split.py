@@ -103,7 +103,7 @@ def _window_size(width):
 
 def nested_test(
     img, good, model, removed, smaller, larger, background, *, psf, shape_vals,
-    background_model, noise, sky=None, sky_tol=np.inf,
+    background_model, noise, sky=None, sky_tol=np.inf, unit=1.0,
 ):  # fmt: skip
     """Are the extra sources of `larger` warranted over `smaller`? A likelihood-ratio statistic
     for each of `C` candidates, on a window around each.
@@ -120,6 +120,8 @@ def nested_test(
     - `sky`, `sky_tol`: optional `(H, W)` smooth background map; its shape on each window where
       it varies by more than `sky_tol` is added to the known light (`_background.sky_shape`),
       and the fitted background is the level on top.
+    - `unit`: the fits see the data divided by it (`fit_image`'s `_fit_unit`); `fit` is in the
+      data's units.
 
     **Returns:** `(gain, ok, fit)`: `(C,)` twice the log-likelihood gain of `larger` (χ² gain
     over the residual variance for Gaussian noise, an F test), `(C,)` True where both fits
@@ -146,7 +148,7 @@ def nested_test(
     init = {
         "x": np.where(valid, both["x"] - np.concatenate([ox, ox])[:, None], size / 2),
         "y": np.where(valid, both["y"] - np.concatenate([oy, oy])[:, None], size / 2),
-        "flux": np.where(valid, np.maximum(both["flux"], 1e-3), 1.0),
+        "flux": np.where(valid, np.maximum(both["flux"] / unit, 1e-3), 1.0),
     }
     for name, v in shape_vals.items():
         init[name] = np.full((2 * c, k), v)
@@ -154,10 +156,11 @@ def nested_test(
     init["background"] = (
         bg if background_model == "constant" else np.column_stack([bg, np.zeros((2 * c, 2))])
     )
+    init["background"] = init["background"] / unit
     res = fit_regions(
-        np.concatenate([crops, crops]), init, psf=psf, background=background_model, noise=noise,
-        mask=np.concatenate([masks, masks]), valid=valid, known=np.concatenate([known, known]),
-        fixed=tuple(shape_vals), tol=FIT_TOL,
+        np.concatenate([crops, crops]) / unit, init, psf=psf, background=background_model,
+        noise=noise, mask=np.concatenate([masks, masks]), valid=valid,
+        known=np.concatenate([known, known]) / unit, fixed=tuple(shape_vals), tol=FIT_TOL,
     )  # fmt: skip
     loss = np.asarray(res.loss)
     gain = loss[:c] - loss[c:]
@@ -170,14 +173,14 @@ def nested_test(
     status = np.asarray(res.status)
     ok = (status[:c] == 0) & (status[c:] == 0) & np.isfinite(gain)
     p = {n: np.asarray(v)[c:] for n, v in res.params.items()}
-    fit = dict(x=p["x"] + ox[:, None], y=p["y"] + oy[:, None], flux=p["flux"])
+    fit = dict(x=p["x"] + ox[:, None], y=p["y"] + oy[:, None], flux=p["flux"] * unit)
     return np.where(ok, gain, -np.inf), ok, fit
 
 
 def find_splits(
     img, good, cat, model, sky, *, psf, shape_vals, background_model, noise, noise_level,
     screen=SCREEN_THRESHOLD, threshold=PAIR_THRESHOLD, exclude=None, psf_error=0.0,
-    sky_tol=np.inf,
+    sky_tol=np.inf, unit=1.0,
 ):  # fmt: skip
     """Which sources of a fitted catalog are unresolved pairs, and the pairs' fits.
 
@@ -185,7 +188,8 @@ def find_splits(
     catalog columns (dict of `(N,)`); `model` `(H, W)` its sources' light; `sky` `(H, W)` the
     smooth background; `noise_level` the Gaussian noise σ; `psf_error` the PSF model's
     fractional error, added to each pixel's variance for the screen; `sky_tol`: the range
-    across a test window beyond which `sky`'s shape there is known light (see `nested_test`);
+    across a test window beyond which `sky`'s shape there is known light, and `unit` the
+    fits' unit (see `nested_test`);
     `screen` the least
     residual-quadrupole χ² drop for a candidate; `exclude` `(N,)` sources not to try (e.g.
     next to a new residual detection, which explains their residual better).
@@ -233,7 +237,7 @@ def find_splits(
     gain, ok, fit = nested_test(
         img, good, model, removed, one, two, np.nan_to_num(cat["background"][idx]), psf=psf,
         shape_vals=shape_vals, background_model=background_model, noise=noise, sky=sky,
-        sky_tol=sky_tol,
+        sky_tol=sky_tol, unit=unit,
     )  # fmt: skip
     sep = np.hypot(fit["x"][:, 0] - fit["x"][:, 1], fit["y"][:, 0] - fit["y"][:, 1])
     # Both parts stay around the parent (a part that ran onto a neighbour is fitting that

@@ -18,6 +18,18 @@ __all__ = ["levenberg_marquardt"]
 
 _LAMBDA0 = 1e-3
 _LAMBDA_MAX = 1e10
+# Marquardt's damping scales each parameter by its own curvature, floored for parameters with
+# next to none (`RegionProblem.damping_floor`): positions and widths at a tiny fraction of the
+# largest of their kind in the region, fluxes at this many times the largest flux curvature.
+# A flux whose softplus has collapsed (a source fading to zero) has almost no curvature, and an
+# undamped step would throw it far (rejected, again and again). The floor used to be a tiny
+# fraction of the largest curvature of any parameter, a position's, which grows as its flux
+# squared: that damped fluxes about 50 times more than their own curvature on S/N 70 stars,
+# and 10^6 times more for a star of 10^7 counts, which then "converged" 1.4 % (24σ) short; on
+# an image in units 10^5 times larger every flux stayed where it started. This floor does not
+# depend on units. Against the old one, on forty 512² fields (0.02–0.3 stars/FWHM²), 10 gave
+# Jaccard +0.0024 ± 0.0010 and -0.0006 ± 0.0008 (two sets of twenty), 1 +0.0005, 50 +0.0016.
+_FLUX_FLOOR = 10.0
 
 
 class _State(NamedTuple):
@@ -69,7 +81,7 @@ def levenberg_marquardt(
 
     def step(s: _State) -> _State:
         diag = jnp.diagonal(s.h)
-        diag = jnp.maximum(diag, tiny * jnp.max(diag) + tiny)
+        diag = jnp.maximum(diag, problem.damping_floor(diag, tiny, _FLUX_FLOOR))
         delta = -masked_solve(s.h + s.lam * jnp.diag(diag), s.g, active)
         solved = jnp.all(jnp.isfinite(delta))
         delta = jnp.where(solved, delta, 0.0)
