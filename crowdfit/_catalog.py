@@ -38,8 +38,9 @@ class Catalog:
     `meta` holds how the catalog was made: `psf`, `sigma`, `noise`, `shape` of the image,
     `background_image` (the smooth background under the sources), `rounds`, `n_regions` (in
     the last grouping), `region_fits` (regions fitted over all rounds), `sigma_first` (with σ
-    estimated, the first estimate, when the image was measured again) and `splits` (sources
-    the likelihood-ratio test split into two).
+    estimated, the first estimate, when the image was measured again), `n_fill` (pixels of fill,
+    areas of one exact value, masked) and `splits` (sources the likelihood-ratio test split
+    into two).
     """
 
     data: dict

@@ -108,6 +108,13 @@ def estimate_noise(image, mask=None) -> float:
     if values.size == 0:
         raise ValueError("not enough valid pixels to estimate the noise")
     mad = np.median(np.abs(values - np.median(values)))
+    if mad == 0:
+        # Over half the filtered values equal: sparse counts (a photon-counting frame of
+        # mostly zeros at 0.05 photons per pixel), where the MAD says "no noise" and every
+        # lone photon would pass for a spike or a source. The RMS without the largest 1 %.
+        dev = np.abs(values - np.median(values))
+        core = dev[dev <= np.percentile(dev, 99)]
+        return float(np.sqrt(np.mean(core**2)) / scale)
     return float(_MAD_TO_STD * mad / scale)
 
 

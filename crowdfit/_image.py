@@ -23,6 +23,7 @@ from ._detect import (
     estimate_noise,
     estimate_sigma,
 )
+from ._fill import find_fill
 from ._fit import _default_sizes, fit_regions
 from ._group import _pairs_within, _round_up, group_sources, pad_windows
 from ._progress import progress
@@ -81,6 +82,13 @@ def spike_message(n: int) -> str:
     return (
         f"{n} pixel(s) sharper than the PSF (hot pixels or columns, cosmic-ray hits) are masked "
         "and ignored (meta['spikes']; spikes=False keeps them)"
+    )
+
+
+def fill_message(n: int) -> str:
+    return (
+        f"{n} pixel(s) in flat areas of one exact value (a mosaic's or a rotation's fill) are "
+        "masked and ignored (meta['n_fill'])"
     )
 
 
@@ -550,13 +558,19 @@ def _residual_peaks(img, good, cat, model, bg_map, width, stars, psf_error, nois
 
 def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset, meta):
     """Noise, background and detections for the first fit, with the image's bad pixels masked:
-    saturated pixels (at or above `saturation`, in the units of the image before `offset` was
-    subtracted from `img`; `None`: found) and pixels sharper than the PSF; each masked hole in
-    a star is seeded at its centre. Updates `meta`.
+    fill (areas of one exact value, `_fill.find_fill`), saturated pixels (at or above
+    `saturation`, in the units of the image before `offset` was subtracted from `img`; `None`:
+    found) and pixels sharper than the PSF; each masked hole in a star is seeded at its centre.
+    Updates `meta`.
 
     **Returns:** `(good, noise_level, background_map, detections, sigma, free_shape,
     saturated_stars)`, or `None` when `sigma` is to be estimated and nothing was detected.
     """
+    fill = find_fill(img, good)
+    if fill.any():
+        meta["n_fill"] = int(fill.sum())
+        _warn(fill_message(meta["n_fill"]))
+        good = good & ~fill
     noise_level = estimate_noise(img, good)
     if saturation is None:
         level = saturation_level(img, good, noise_level, offset)
@@ -740,7 +754,7 @@ def fit_image(
     shape = img.shape
     meta = dict(psf=psf.name, noise=noise, shape=shape, rounds=0, n_regions=0, splits=0,
                 region_fits=0, spikes=np.zeros((0, 2), int), saturation=None,
-                n_saturated=0)  # fmt: skip
+                n_saturated=0, n_fill=0)  # fmt: skip
     if not good.any():
         warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
         return Catalog(empty_columns(), {**meta, "sigma": sigma})

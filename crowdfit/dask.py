@@ -12,8 +12,9 @@ import numpy as np
 
 from . import _image
 from ._catalog import Catalog, empty_columns
+from ._fill import find_fill
 from ._group import default_max_window
-from ._image import fit_image, saturation_message, spike_message
+from ._image import fill_message, fit_image, saturation_message, spike_message
 from ._movie import (
     Traces,
     assemble,
@@ -107,7 +108,7 @@ def _fit_tile(crop, mask, core, origin, shape, kwargs) -> dict:
     in_core[r0 - oy : r1 - oy, c0 - ox : c1 - ox] = True
     # Counted on the core only: halos overlap, cores do not.
     n_bad = int(np.count_nonzero(~np.isfinite(img) & in_core & (True if mask is None else mask)))
-    none = dict(spikes=np.zeros((0, 2), int), saturation=None, n_saturated=0)
+    none = dict(spikes=np.zeros((0, 2), int), saturation=None, n_saturated=0, n_fill=0)
     if not good.any():
         return dict(data=empty_columns(), meta={}, n_bad=n_bad, **none)
     # Non-finite pixels are masked here (and counted above), so that the warning is given once
@@ -138,8 +139,9 @@ def _fit_tile(crop, mask, core, origin, shape, kwargs) -> dict:
         keep &= y < r1 - 0.5
     data = {k: v[keep] for k, v in cat.data.items()}
     data["x"], data["y"] = x[keep], y[keep]
+    n_fill = int(np.count_nonzero(find_fill(img, good) & in_core)) if cat.meta["n_fill"] else 0
     return dict(data=data, meta=cat.meta, n_bad=n_bad, spikes=spikes, saturation=level,
-                n_saturated=n_sat)  # fmt: skip
+                n_saturated=n_sat, n_fill=n_fill)  # fmt: skip
 
 
 def fit_image_dask(
@@ -172,8 +174,8 @@ def fit_image_dask(
 
     **Returns:** a `Catalog` in image coordinates, tile by tile. With one tile it is exactly
     `fit_image`'s; with several, `meta` holds `tiles`, `tile`, `halo` but no `background_image`.
-    `meta["spikes"]`, `"saturation"` and `"n_saturated"` are the whole image's (each pixel
-    counted by the tile whose core holds it), with one warning each.
+    `meta["spikes"]`, `"saturation"`, `"n_saturated"` and `"n_fill"` are the whole image's
+    (each pixel counted by the tile whose core holds it), with one warning each.
 
     >>> import crowdfit, crowdfit.dask
     >>> image, truth = crowdfit.simulate_field((64, 64), 10, seed=1)
@@ -226,9 +228,12 @@ def fit_image_dask(
         warnings.warn(spike_message(len(spikes)), stacklevel=2)
     levels = [p["saturation"] for p in parts if p["saturation"] is not None]
     masked = dict(spikes=spikes, saturation=max(levels) if levels else None,
-                  n_saturated=sum(p["n_saturated"] for p in parts))  # fmt: skip
+                  n_saturated=sum(p["n_saturated"] for p in parts),
+                  n_fill=sum(p["n_fill"] for p in parts))  # fmt: skip
     if masked["n_saturated"]:
         warnings.warn(saturation_message(masked["n_saturated"], masked["saturation"]), stacklevel=2)
+    if masked["n_fill"]:
+        warnings.warn(fill_message(masked["n_fill"]), stacklevel=2)
     if len(parts) == 1:
         p = parts[0]
         if not p["meta"]:

@@ -89,6 +89,14 @@ def test_noise_ignores_masked_pixels():
 # --- estimate_background -------------------------------------------------------------------------
 
 
+def test_noise_of_sparse_counts():
+    # 0.05 photons per pixel: the filtered image is mostly exact zeros and its MAD is 0; the
+    # estimate falls back on the RMS (without the largest 1 %), near sqrt(0.05) = 0.22.
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(0.05, (256, 256)).astype(float)
+    assert 0.15 < estimate_noise(counts) < 0.3
+
+
 def test_background_tracks_gradient_under_crowd():
     image, _, _ = field((200, 400), 200, seed=3)
     yy, xx = np.mgrid[:200, :400]

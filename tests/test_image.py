@@ -172,6 +172,27 @@ def test_catalog_does_not_depend_on_the_image_units():
     np.testing.assert_allclose(b["background"] / 1e4, a["background"], atol=0.1)
 
 
+def test_fill_is_masked_like_missing_pixels(recwarn):
+    # A mosaic's zero border: a step the background cannot follow, and constant pixels that
+    # lowered the noise estimate. Masked, the catalog is that of the same border as NaN.
+    image, _ = crowdfit.simulate_field((128, 128), 40, sigma=2.0, seed=6)
+    zero, nan = image.copy(), image.copy()
+    zero[:, :30], nan[:, :30] = 0.0, np.nan
+    with pytest.warns(UserWarning, match="flat areas of one exact value"):
+        a = crowdfit.fit_image(zero, sigma=2.0)
+    b = crowdfit.fit_image(nan, sigma=2.0)
+    assert a.meta["n_fill"] == 128 * 30
+    assert len(a) == len(b)
+    np.testing.assert_allclose(a["flux"], b["flux"], rtol=1e-6)
+    # Data that is mostly one value is not fill: a sparse photon-counting frame.
+    sparse, truth = crowdfit.simulate_field(
+        (96, 96), 12, sigma=1.5, noise="poisson", background=0.05, flux=300.0, seed=2
+    )
+    cat = crowdfit.fit_image(sparse, noise="poisson")
+    assert cat.meta["n_fill"] == 0
+    assert crowdfit.match(truth, cat, radius=1.0).recall == 1.0
+
+
 def test_bad_pixels_are_masked_with_a_warning():
     image, truth = crowdfit.simulate_field((64, 64), 6, seed=2, border=8)
     image[10, 10] = np.nan
