@@ -556,7 +556,7 @@ def _residual_peaks(img, good, cat, model, bg_map, width, stars, psf_error, nois
     return new, near_new
 
 
-def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset, meta):
+def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset, meta, noise):
     """Noise, background and detections for the first fit, with the image's bad pixels masked:
     fill (areas of one exact value, `_fill.find_fill`), saturated pixels (at or above
     `saturation`, in the units of the image before `offset` was subtracted from `img`; `None`:
@@ -596,7 +596,10 @@ def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset
             guess = estimate_sigma(img, bright["x"], bright["y"], background=bg_map, mask=good)
         free_shape = True  # the first fit measures every width; their median is the PSF's
         sigma = guess
-    found = find_spikes(img, sigma, noise_level, mask=good, background=bg_map) if spikes else None
+    found = None
+    if spikes:
+        found = find_spikes(img, sigma, noise_level, mask=good, background=bg_map,
+                            shot=noise == "poisson")  # fmt: skip
     if found is not None and found.any():
         meta["spikes"] = np.argwhere(found)
         _warn(spike_message(len(meta["spikes"])))
@@ -760,7 +763,7 @@ def fit_image(
 
     first = _first_detections(
         img, good, sigma=sigma, threshold=threshold, spikes=spikes, saturation=saturation,
-        offset=offset, meta=meta,
+        offset=offset, meta=meta, noise=noise,
     )  # fmt: skip
     if first is None:  # nothing detected to estimate the PSF width from
         return Catalog(empty_columns(), {**meta, "sigma": None})

@@ -33,6 +33,20 @@ def test_no_spike_on_bright_stars_or_noise(psf, sigma):
     assert found.sum() <= 10
 
 
+def test_sparse_counts_spot_peaks_are_not_spikes_but_hot_pixels_are():
+    # 0.05 photons per pixel, spots of 300 photons (peak ~21): a peak whose neighbours fall
+    # short by chance is no spike once its own shot noise counts.
+    image, truth = crowdfit.simulate_field(
+        (128, 128), 40, sigma=1.5, noise="poisson", background=0.05, flux=300.0, seed=2
+    )
+    image[100, 7] += 200.0  # a hot pixel
+    noise = estimate_noise(image)
+    assert np.argwhere(find_spikes(image, 1.5, noise, background=0.05, shot=True)).tolist() == [
+        [100, 7]
+    ]
+    assert find_spikes(image, 1.5, noise, background=0.05).sum() > 1  # (Gaussian noise alone)
+
+
 def test_masks_edges_lines_and_shapes():
     rng = np.random.default_rng(0)
     image = rng.normal(0.0, 1.0, (64, 48))
