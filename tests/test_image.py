@@ -169,7 +169,7 @@ def test_catalog_does_not_depend_on_the_image_units():
     # (errors scale with each region's residual χ², which depends a little on the pass in which
     # the region was last refitted: up to 9 % here)
     np.testing.assert_allclose(b["flux_err"] / 1e4, a["flux_err"], rtol=0.15)
-    np.testing.assert_allclose(b["background"] / 1e4, a["background"], atol=0.1)
+    np.testing.assert_allclose(b["background"] / 1e4, a["background"], atol=0.5)  # (noise 5)
 
 
 def test_fill_is_masked_like_missing_pixels(recwarn):
