@@ -42,6 +42,10 @@ def find_fill(image, good, box: int = FILL_BOX) -> np.ndarray:
     good = np.asarray(good, bool) & np.isfinite(img)
     if min(img.shape) < box or not good.any():
         return np.zeros(img.shape, bool)
+    # (A box of equal pixels holds box × (box - 1) equal horizontal neighbours, and noisy data
+    # next to none: this count takes 2 ms on a 1024² image, the box filters below 60 ms.)
+    if np.count_nonzero((img[:, 1:] == img[:, :-1]) & good[:, 1:]) < box * (box - 1):
+        return np.zeros(img.shape, bool)
     high = scipy.ndimage.maximum_filter(np.where(good, img, np.inf), box, mode="nearest")
     low = scipy.ndimage.minimum_filter(np.where(good, img, -np.inf), box, mode="nearest")
     core = high == low  # (a box touching an invalid pixel holds ±inf, so never equal)
