@@ -47,7 +47,7 @@ def sky_shape(sky, windows, size: int, mask, tol: float):
     windows where it varies less, and on invalid pixels.
 
     A region's constant background cannot follow a gradient across its window: at 1 count per
-    pixel (0.2 noise σ) over 32 pixels, `fit_image` found 60 % more sources than there were,
+    pixel (0.2 noise σ) over 32 pixels, `fit_image` found 65 % more sources than there were,
     with every flux biased. Added to the known light, the map's shape lets the constant fit the
     level on top of it. Where the map is flat within its own noise (its range across a 32-pixel
     window stayed under 0.75 noise σ on flat fields of up to 0.3 stars/FWHM²), the map's

@@ -870,7 +870,10 @@ def fit_image(
             x=np.concatenate([kept["x"][stay], kids["x"].ravel(), new["x"]]),
             y=np.concatenate([kept["y"][stay], kids["y"].ravel(), new["y"]]),
             flux=np.concatenate(
-                [kept["flux"][stay], kids["flux"].ravel(), np.maximum(new["flux_guess"], 1.0)]
+                # (a residual peak's guess floored at one fit unit, not one count: on an image
+                # in units 10⁻⁵ as large, as `img_as_float` makes of 16-bit counts, that
+                # started new sources 40 times too bright and lost 9 of 60 stars)
+                [kept["flux"][stay], kids["flux"].ravel(), np.maximum(new["flux_guess"], unit)]
             ),
             background_map=bg_map,
             prev=np.concatenate([np.where(keep)[0][stay], np.full(n_new, -1)]),

@@ -189,9 +189,8 @@ def find_splits(
     smooth background; `noise_level` the Gaussian noise σ; `psf_error` the PSF model's
     fractional error, added to each pixel's variance for the screen; `sky_tol`: the range
     across a test window beyond which `sky`'s shape there is known light, and `unit` the
-    fits' unit (see `nested_test`);
-    `screen` the least
-    residual-quadrupole χ² drop for a candidate; `exclude` `(N,)` sources not to try (e.g.
+    fits' unit (see `nested_test`); `screen` the least residual-quadrupole χ² drop for a
+    candidate; `exclude` `(N,)` sources not to try (e.g.
     next to a new residual detection, which explains their residual better).
 
     **Returns:** `(parents, children)`: `(P,)` indices of sources to replace, and a dict of
