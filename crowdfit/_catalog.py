@@ -13,6 +13,7 @@ import numpy as np
 from ._problem import has_profile
 from ._psf import get_psf
 from ._render import render_separable
+from ._wings import render_wings
 
 __all__ = ["Catalog", "model_image", "residual_image"]
 
@@ -40,7 +41,11 @@ class Catalog:
     the last grouping), `region_fits` (regions fitted over all rounds), `sigma_first` (with σ
     estimated, the first estimate, when the image was measured again), `n_fill` (pixels of fill,
     areas of one exact value, masked) and `splits` (sources the likelihood-ratio test split
-    into two).
+    into two), `wings` (the PSF's wings where `fit_image` measured them, else `None`: see
+    `crowdfit._wings.Wings`; each `flux` then holds its source's Gaussian and wings).
+
+    `chi2_reduced` is each region's χ² per degree of freedom in units of the image's noise
+    (about 1 where the model explains the data).
     """
 
     data: dict
@@ -118,6 +123,9 @@ def empty_columns() -> dict:
 def model_image(catalog, shape, *, psf=None, background=None):
     """The image a catalog describes: its sources (and optionally a background).
 
+    A catalog from `fit_image` whose PSF wings were measured (`meta["wings"]`) describes each
+    source as its Gaussian plus those wings (see `crowdfit._wings`).
+
     **Arguments:**
 
     - `catalog`: a `Catalog` (or a dict with `x`, `y`, `flux`, `sigma_x`, `sigma_y` columns).
@@ -155,11 +163,16 @@ def model_image(catalog, shape, *, psf=None, background=None):
         radius = int(math.ceil(5 * max(sx.max(), sy.max()) + 2))
         y = np.asarray(catalog["y"], float)
         flux = np.asarray(catalog["flux"], float)
+        wings = meta.get("wings")
+        if wings is not None:  # (each flux is its Gaussian's and its wings' light together)
+            flux = flux / (1.0 + wings.light)
         if has_profile(psf):  # (as tiled matrix products: the same stamps, faster)
             s_x, s_y = psf.widths(shape_params)
             out = render_separable(psf.profile, x, y, flux, s_x, s_y, (h, w), radius)
         else:
             out = _render_field(psf, x, y, flux, shape_params, h, w, radius)
+        if wings is not None:
+            out = out + render_wings(wings, x, y, flux, (h, w))
     if isinstance(background, str):
         if background != "catalog":
             raise ValueError("background must be None, a number, an array or 'catalog'")

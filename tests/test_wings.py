@@ -1,0 +1,120 @@
+"""PSF wings: a Moffat field measured with Gaussians plus measured wings, and Gaussian fields left
+alone."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import crowdfit
+from crowdfit._image import _wings_matter
+from crowdfit._wings import Wings, measure_wings, render_wings
+
+FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0)) * 2.0
+
+
+def moffat(beta):
+    """A Moffat PSF of FWHM 4.71 px (σ = 2's) as a `simulate_field` PSF function."""
+    alpha = FWHM / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+
+    def render(p, x, y):
+        r2 = (x - p["x"]) ** 2 + (y - p["y"]) ** 2
+        return p["flux"] * (beta - 1.0) / (math.pi * alpha**2) * (1.0 + r2 / alpha**2) ** -beta
+
+    return render
+
+
+@pytest.fixture(scope="module")
+def moffat_field():
+    """Bright stars (S/N ~ 700) of a Moffat PSF of β = 3, apart."""
+    return crowdfit.simulate_field(
+        (192, 192), 16, psf=moffat(3.0), flux=25130.0, min_separation=36.0, border=12.0,
+        stamp_radius=60, seed=3,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def moffat_catalog(moffat_field):
+    image, _ = moffat_field
+    with pytest.warns(UserWarning, match="the PSF is not Gaussian"):
+        return crowdfit.fit_image(image, sigma=2.0)
+
+
+def test_profile_of_known_wings_is_measured():
+    # Gaussians of σ = 2 with a ring of 8 % of their light at r = 6 (2 px wide): the residual
+    # of the Gaussians alone holds the ring.
+    rng = np.random.default_rng(0)
+    x, y = 20.0 + 40.0 * np.arange(6) + rng.uniform(-0.5, 0.5, 6), np.full(6, 24.0)
+    yy, xx = np.mgrid[:48, :260]
+    r = np.hypot(xx[..., None] - x, yy[..., None] - y)
+    ring = np.exp(-((r - 6.0) ** 2) / 8.0)
+    ring = 0.08 * ring / (2.0 * math.pi * 6.0 * 2.0 * math.sqrt(2.0 * math.pi))
+    flux = np.full(6, 1e4)
+    residual = (flux * ring).sum(-1) + rng.normal(0.0, 1.0, yy.shape)
+    w = measure_wings(residual, np.ones(yy.shape, bool), x, y, flux, np.full(6, 100.0), 2.0)
+    assert w.n_stars == 6
+    # (its part along the Gaussian is taken out: a little of the ring's light)
+    assert 0.06 < w.light < 0.085
+    assert np.interp(6.0, w.knots, w.values) == pytest.approx(0.08 / 189.0, rel=0.1)
+    assert _wings_matter(w)
+    # Rendered, they are the ring (where the Gaussian part is small).
+    img = render_wings(w, x[:1], y[:1], flux[:1], yy.shape)
+    far = (r[..., 0] > 5.0) & (r[..., 0] < 10.0)
+    assert np.allclose(img[far], (flux[0] * ring[..., 0])[far], atol=0.3)  # (peak 4.2)
+
+
+def test_noise_alone_gives_no_wings():
+    rng = np.random.default_rng(1)
+    x, y = 20.0 + 40.0 * np.arange(6), np.full(6, 24.0)
+    residual = rng.normal(0.0, 5.0, (48, 260))
+    w = measure_wings(residual, np.ones((48, 260), bool), x, y, np.full(6, 2513.0),
+                      np.full(6, 70.0), 2.0)  # fmt: skip
+    assert abs(w.light) < 0.02
+    assert not _wings_matter(w)
+    # Too few bright, isolated stars: nothing to measure.
+    assert measure_wings(residual, np.ones((48, 260), bool), x, y, np.full(6, 2513.0),
+                         np.full(6, 10.0), 2.0) is None  # fmt: skip
+
+
+def test_moffat_stars_are_measured_with_their_wings(moffat_field, moffat_catalog):
+    _, truth = moffat_field
+    cat = moffat_catalog
+    w = cat.meta["wings"]
+    assert isinstance(w, Wings) and 0.1 < w.light < 0.4
+    m = crowdfit.match(truth, cat)
+    # Gaussians alone (below) take the wings for a ring of false stars about each bright one,
+    # and miss a fifth of the light.
+    assert m.n_matched == len(truth["x"]) and len(cat) == len(truth["x"])
+    assert abs(m.flux_bias_median) < 0.05
+    # The catalog's model (Gaussians and wings) explains the image to about the noise.
+    image, _ = moffat_field
+    resid = crowdfit.residual_image(image, cat)
+    near = np.zeros(image.shape, bool)
+    for x, y in zip(truth["x"], truth["y"], strict=True):
+        yy, xx = np.ogrid[: image.shape[0], : image.shape[1]]
+        near |= np.hypot(xx - x, yy - y) < 10
+    assert np.std(resid[near]) < 1.5 * 5.0
+    assert np.median(cat["chi2_reduced"]) < 1.5
+
+
+def test_gaussians_alone_fail_on_moffat_stars(moffat_field, moffat_catalog):
+    image, truth = moffat_field
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no wings: no warning)
+        cat = crowdfit.fit_image(image, sigma=2.0, psf_wings=False)
+    assert cat.meta["wings"] is None
+    m = crowdfit.match(truth, cat)
+    assert len(cat) > 2 * len(truth["x"])
+    assert m.flux_bias_median < -0.1
+    assert np.median(cat["chi2_reduced"]) > np.median(moffat_catalog["chi2_reduced"])
+
+
+def test_gaussian_field_has_no_wings():
+    image, truth = crowdfit.simulate_field((192, 192), 16, flux=25130.0, min_separation=36.0,
+                                           border=12.0, seed=3)  # fmt: skip
+    cat = crowdfit.fit_image(image, sigma=2.0)
+    assert cat.meta["wings"] is None
+    assert len(cat) == 16
+    # χ² per degree of freedom in units of the noise: about 1.
+    assert np.median(cat["chi2_reduced"]) == pytest.approx(1.0, abs=0.1)
