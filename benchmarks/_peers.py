@@ -282,13 +282,15 @@ def crowdsource_fit(
     maxiter: int = 10,
     ntile: int = 1,
     verbose: bool = False,
+    psf=None,
 ) -> dict:
     """crowdsource's ``fit_im``: every star of the image in one sparse linear least-squares fit.
 
     Setup (crowdsourcephoto 0.5.9, ``crowdsource.crowdsource_base.fit_im``):
 
     * PSF: a fixed circular Gaussian of the given ``sigma``, rendered analytically at each star's
-      sub-pixel offset (:class:`_GaussianPSF`, same interface as ``crowdsource.psf.MoffatPSF``);
+      sub-pixel offset (:class:`_GaussianPSF`, same interface as ``crowdsource.psf.MoffatPSF``),
+      or ``psf``, a crowdsource PSF object (e.g. ``crowdsource.psf.MoffatPSF(fwhm, beta)``);
       point-sampled, or pixel-integrated with ``pixel_integrated=True``. ``refit_psf=False``
       keeps it fixed. ``psfderiv=True``: the PSF's x/y derivatives are fitted alongside each flux
       and give the position updates between rounds (crowdsource's default).
@@ -319,7 +321,8 @@ def crowdsource_fit(
     if noise is None:
         noise = _noise_estimate(img)
     isig = 1.0 / np.broadcast_to(np.asarray(noise, dtype=np.float64), img.shape)
-    psf = _GaussianPSF(sigma, pixel_integrated=pixel_integrated)
+    if psf is None:
+        psf = _GaussianPSF(sigma, pixel_integrated=pixel_integrated)
 
     with warnings.catch_warnings():
         # crowdsource imports the deprecated scipy.ndimage.filters/interpolation namespaces
