@@ -551,16 +551,18 @@ def _measured_wings(img, good, cat, bg_map, psf, width, wings):
     ok = np.isfinite(cat["x"]) & np.isfinite(cat["flux"])
     cat = {c: v[ok] for c, v in cat.items()}
 
-    def measure(previous):
+    def measure(previous, robust=True):
         residual = img - _light(cat, img.shape, psf, previous) - bg_map
         return measure_wings(residual, good, cat["x"], cat["y"], cat["flux"], cat["snr"], width,
-                             previous=previous)  # fmt: skip
+                             previous=previous, robust=robust)  # fmt: skip
 
+    if wings is None:  # (a first look, by ring means: 17 ms at 0.02 stars/FWHM² on 512², not 40)
+        found = measure(None, robust=False)
+        if found is None or not _wings_matter(found):
+            return None
     found = measure(wings)
     if found is None:
         return wings
-    if wings is None and not _wings_matter(found):
-        return None
     # Each star's sky comes from its outer rings, where its neighbours' wings are until they
     # are known: measured again with them subtracted, until it settles (Moffat β = 3 at 0.1
     # stars/FWHM²: 0.06 of the light, then 0.10, 0.12). Only once found: the first look is
@@ -813,18 +815,18 @@ def fit_image(
       Gaussian: a Moffat one holds 10-30 % of its light in wings that a Gaussian fit leaves in
       the residual, where each bright star's wings are taken for a ring of false neighbours,
       and out of its flux. After the second fit, the residual about bright, isolated stars
-      gives one radial profile per unit flux (`crowdfit._wings.measure_wings`: medians over
-      rings and stars). When it adds at least 2 % of the light, far beyond its errors, it is
-      part of every source's light from then on (known light in every fit and test, measured
-      again after each fit), each `flux` includes it, `meta["wings"]` holds it, and a warning
-      says so. On Moffat fields of β = 3 (`benchmarks/psf_shape.py`): 133 stars of S/N 700 at
-      0.02 stars/FWHM² came out as 133 sources (860 without), fluxes -1.9 % (-20 %); at S/N 70,
-      0.02-0.05 stars/FWHM², Jaccard 0.99 (0.93-0.97), fluxes -0.4 to -1.7 % (-20 %). The
-      light beyond 3 FWHM, where each star's sky is taken, is not counted (a few % for
-      β = 2.5). In crowds of 0.1 stars/FWHM² and more, few stars are isolated and their
-      outer rings hold their neighbours' wings: the wings come out too weak (fluxes -8 %) or are
-      not found; fit such fields with a PSF of your own (`fit_regions`). Gaussian fields are
-      left as they were (on the crowded-field benchmark's, no wings were found).
+      gives one radial profile per unit flux (`crowdfit._wings.measure_wings`). When it adds
+      at least 2 % of the light, far beyond its errors, it is part of every source's light
+      from then on (known light in every fit and test, measured again after each fit), each
+      `flux` includes it, `meta["wings"]` holds it, `model_image` draws it, σ (if estimated)
+      is not measured again, and a warning says so. On Moffat fields of β = 3
+      (`benchmarks/psf_shape.py`): 133 stars of S/N 700 at 0.02 stars/FWHM² came out as 133
+      sources (886 without), fluxes -1.9 % (-20 %); at S/N 70 and 0.02-0.05 stars/FWHM²,
+      Jaccard 0.99 (0.95-0.98), fluxes -0.4 to -1.7 % (-20 %). The light beyond 3 FWHM, where
+      each star's sky is taken, is not counted (-1 to -4 % for β = 2.5). In crowds of 0.1
+      stars/FWHM² and more, few stars are isolated and their outer rings hold their
+      neighbours' wings: the wings come out too weak or are not found. No Gaussian field tried
+      (0.02-0.3 stars/FWHM², S/N 70 and 700) found any.
     - `progress_bar`: show progress (default: on a terminal).
 
     **Returns:** a `Catalog`, one row per source, ordered by `y`, then `x`.
@@ -1018,12 +1020,12 @@ def fit_image(
     stale = changed(model, bg_model)
     if stale is None or stale.mean() > _BACKGROUND_STALE:  # (else the last estimate stands)
         bg_map = estimate_background(img - model, good, sigma=width)
-    if estimated and cat["x"].size >= 3:
+    # (Not where the PSF's wings were found: they take up what a Gaussian of another width
+    # would, and measured again the image lost them at 0.1 stars/FWHM², Moffat β = 3.)
+    if estimated and wings is None and cat["x"].size >= 3:
         # The first estimate came from the detections' fits, where a crowd's hidden neighbours
         # and unresolved pairs were still one source each; measured again on the finished
         # catalog, and the image measured again when it moved.
-        # (Gaussians alone, as the first estimate was made: wings measured on Gaussians of the
-        # wrong width take up the difference, and the width measured with them moved less)
         src = dict(x=cat["x"], y=cat["y"], flux=cat["flux"], background_map=bg_map)
         widths, *_ = _fit_all(img, good, src, psf, shape_vals, free_shape=True, **fit_kw)
         # (Only sources above S/N 20 measure it here: the finished catalog's faint ones, its

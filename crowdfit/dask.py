@@ -14,7 +14,7 @@ from . import _image
 from ._catalog import Catalog, empty_columns
 from ._fill import find_fill
 from ._group import default_max_window
-from ._image import fill_message, fit_image, saturation_message, spike_message
+from ._image import fill_message, fit_image, saturation_message, spike_message, wings_message
 from ._movie import (
     Traces,
     assemble,
@@ -234,6 +234,12 @@ def fit_image_dask(
         warnings.warn(saturation_message(masked["n_saturated"], masked["saturation"]), stacklevel=2)
     if masked["n_fill"]:
         warnings.warn(fill_message(masked["n_fill"]), stacklevel=2)
+    # Each tile measures the PSF's wings on its own, and its fluxes hold its own; the catalog's
+    # `meta["wings"]` (for `model_image`) is the one measured on the most stars.
+    wings = [p["meta"]["wings"] for p in parts if p["meta"] and p["meta"].get("wings")]
+    masked["wings"] = max(wings, key=lambda w: w.n_stars) if wings else None
+    if wings:
+        warnings.warn(wings_message(masked["wings"].light), stacklevel=2)
     if len(parts) == 1:
         p = parts[0]
         if not p["meta"]:

@@ -45,15 +45,15 @@ def test_profile_of_known_wings_is_measured():
     # Gaussians of σ = 2 with a ring of 8 % of their light at r = 6 (2 px wide): the residual
     # of the Gaussians alone holds the ring.
     rng = np.random.default_rng(0)
-    x, y = 20.0 + 40.0 * np.arange(6) + rng.uniform(-0.5, 0.5, 6), np.full(6, 24.0)
-    yy, xx = np.mgrid[:48, :260]
+    x, y = 20.0 + 40.0 * np.arange(10) + rng.uniform(-0.5, 0.5, 10), np.full(10, 24.0)
+    yy, xx = np.mgrid[:48, :420]
     r = np.hypot(xx[..., None] - x, yy[..., None] - y)
     ring = np.exp(-((r - 6.0) ** 2) / 8.0)
     ring = 0.08 * ring / (2.0 * math.pi * 6.0 * 2.0 * math.sqrt(2.0 * math.pi))
-    flux = np.full(6, 1e4)
+    flux = np.full(10, 1e4)
     residual = (flux * ring).sum(-1) + rng.normal(0.0, 1.0, yy.shape)
-    w = measure_wings(residual, np.ones(yy.shape, bool), x, y, flux, np.full(6, 100.0), 2.0)
-    assert w.n_stars == 6
+    w = measure_wings(residual, np.ones(yy.shape, bool), x, y, flux, np.full(10, 100.0), 2.0)
+    assert w.n_stars == 10
     # (its part along the Gaussian is taken out: a little of the ring's light)
     assert 0.06 < w.light < 0.085
     assert np.interp(6.0, w.knots, w.values) == pytest.approx(0.08 / 189.0, rel=0.1)
@@ -66,15 +66,18 @@ def test_profile_of_known_wings_is_measured():
 
 def test_noise_alone_gives_no_wings():
     rng = np.random.default_rng(1)
-    x, y = 20.0 + 40.0 * np.arange(6), np.full(6, 24.0)
-    residual = rng.normal(0.0, 5.0, (48, 260))
-    w = measure_wings(residual, np.ones((48, 260), bool), x, y, np.full(6, 2513.0),
-                      np.full(6, 70.0), 2.0)  # fmt: skip
-    assert abs(w.light) < 0.02
+    x, y = 20.0 + 40.0 * np.arange(10), np.full(10, 24.0)
+    residual = rng.normal(0.0, 5.0, (48, 420))
+    w = measure_wings(residual, np.ones((48, 420), bool), x, y, np.full(10, 2513.0),
+                      np.full(10, 70.0), 2.0)  # fmt: skip
+    assert abs(w.light) < 0.06  # (10 stars of S/N 70: about 3 % from the noise)
+    assert w.significance < 2 * w.knots.size
     assert not _wings_matter(w)
     # Too few bright, isolated stars: nothing to measure.
-    assert measure_wings(residual, np.ones((48, 260), bool), x, y, np.full(6, 2513.0),
-                         np.full(6, 10.0), 2.0) is None  # fmt: skip
+    assert measure_wings(residual, np.ones((48, 420), bool), x, y, np.full(10, 2513.0),
+                         np.full(10, 10.0), 2.0) is None  # fmt: skip
+    assert measure_wings(residual, np.ones((48, 420), bool), x[:9], y[:9], np.full(9, 2513.0),
+                         np.full(9, 70.0), 2.0) is None  # fmt: skip
 
 
 def test_moffat_stars_are_measured_with_their_wings(moffat_field, moffat_catalog):
@@ -118,3 +121,19 @@ def test_gaussian_field_has_no_wings():
     assert len(cat) == 16
     # χ² per degree of freedom in units of the noise: about 1.
     assert np.median(cat["chi2_reduced"]) == pytest.approx(1.0, abs=0.1)
+
+
+def test_dask_tiles_measure_the_wings_and_warn_once(moffat_field):
+    da = pytest.importorskip("dask.array")
+    from crowdfit.dask import fit_image_dask
+
+    image, truth = moffat_field
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cat = fit_image_dask(da.from_array(image), tile=(192, 96), sigma=2.0)
+    said = [w for w in caught if "the PSF is not Gaussian" in str(w.message)]
+    assert len(said) == 1
+    assert cat.meta["tiles"] == 2 and cat.meta["wings"] is not None
+    m = crowdfit.match(truth, cat)
+    assert len(cat) == len(truth["x"]) == m.n_matched
+    assert abs(m.flux_bias_median) < 0.05
