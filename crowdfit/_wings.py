@@ -18,10 +18,13 @@ __all__ = ["Wings", "measure_wings", "render_wings"]
 # Rings half a PSF width wide out to 4 FWHM (9.4 σ): a Moffat of β = 2.5 holds 1 % of its light
 # beyond that.
 _STEP = 0.5
-_REACH = 4.0 * 2.0 * math.sqrt(2.0 * math.log(2.0))
-_ALONE = 2.0 * 2.0 * math.sqrt(2.0 * math.log(2.0))
+_FWHM = 2.0 * math.sqrt(2.0 * math.log(2.0))  # (per unit σ)
+_REACH = 4.0 * _FWHM
+# A star measures them when no other has 5 % of its flux within 2 FWHM; its sky is the median
+# of its rings from 3 FWHM on.
+_ALONE = 2.0 * _FWHM
 _FAINT = 0.05
-_SKY = 3.0 * 2.0 * math.sqrt(2.0 * math.log(2.0))
+_SKY = 3.0 * _FWHM
 # Stars that carry the measurement: the brightest this many above this S/N.
 _MAX_STARS = 200
 _MIN_SNR = 20.0
