@@ -326,8 +326,8 @@ def test_width_estimate_in_a_field_of_faint_stars():
 
 def test_width_estimate_in_a_crowd_is_measured_again_on_the_catalog():
     # 0.3 stars/FWHM²: the detections' fits, where hidden neighbours are still one source,
-    # gave sigma = 1.933; measured again on the finished catalog, 1.982 (and the image
-    # measured again with it).
+    # gave sigma = 1.933; measured again once the first residual search found them (and every
+    # region refitted with it), about 1.98.
     image, truth = crowdfit.simulate_field((160, 160), 346, sigma=2.0, seed=2)
     cat = crowdfit.fit_image(image)
     assert abs(cat.meta["sigma_first"] - 2.0) > 0.03
