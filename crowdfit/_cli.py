@@ -24,7 +24,7 @@ def _fit(args) -> int:
         image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
         threshold=args.threshold, offset=args.offset, split=not args.no_split,
         spikes=not args.keep_spikes, saturation=args.saturation, psf_error=args.psf_error,
-        progress_bar=not args.quiet,
+        psf_wings=not args.no_wings, progress_bar=not args.quiet,
     )  # fmt: skip
     out = args.out or "catalog.csv"
     cat.to_csv(out)
@@ -101,6 +101,10 @@ def main(argv=None) -> int:
     fit.add_argument(
         "--psf-error", type=float, default=0.01,
         help="the PSF model's fractional error (default 0.01; 0: exact, for simulations)",
+    )  # fmt: skip
+    fit.add_argument(
+        "--no-wings", action="store_true",
+        help="fit Gaussians alone (default: measure the PSF's wings where the image shows them)",
     )  # fmt: skip
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")

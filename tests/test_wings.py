@@ -137,3 +137,18 @@ def test_dask_tiles_measure_the_wings_and_warn_once(moffat_field):
     m = crowdfit.match(truth, cat)
     assert len(cat) == len(truth["x"]) == m.n_matched
     assert abs(m.flux_bias_median) < 0.05
+
+
+def test_cli_measures_the_wings_unless_told_not_to(moffat_field, tmp_path, capsys):
+    from crowdfit._cli import main as cli_main
+
+    image, truth = moffat_field
+    path = tmp_path / "moffat.npy"
+    np.save(path, image)
+    out = tmp_path / "cat.csv"
+    with pytest.warns(UserWarning, match="the PSF is not Gaussian"):
+        assert cli_main(["fit", str(path), "--sigma", "2", "--out", str(out), "--quiet"]) == 0
+    assert f"{len(truth['x'])} sources" in capsys.readouterr().out
+    assert cli_main(["fit", str(path), "--sigma", "2", "--no-wings", "--out", str(out),
+                     "--quiet"]) == 0  # fmt: skip
+    assert len(crowdfit.Catalog.read_csv(out)) > 2 * len(truth["x"])
