@@ -598,10 +598,11 @@ def _wings_matter(wings):
     """Whether measured wings (`_wings.Wings`) are the PSF's: they add light, at least
     `_WINGS_LIGHT` of the Gaussians', and are far beyond their errors.
 
-    On Gaussian fields (σ = 2, 0.02-0.3 stars/FWHM², S/N 70 and 700) the light measured at the
-    second fit was -0.15 to +0.09 (negative in crowds, where neighbours not yet found lift each
-    star's outer rings), positive ones at significance 7-24 (knots: 19); Moffat PSFs of
-    β = 2.5-4.5 at 0.05 stars/FWHM², 0.05-0.16 at 240-450.
+    First looks (ring means) on Gaussian fields (σ = 2, 0.02-0.3 stars/FWHM², S/N 70 and 700,
+    σ given or not) measured -0.29 to +0.02 of the light (negative in crowds, where neighbours
+    not yet found lift each star's outer rings), the positive ones at significance 3-14 (19
+    rings); a faint field (S/N 17), whose few stars above S/N 20 were blends, +0.18 at 62.
+    Moffat PSFs of β = 2.5-4.5 at 0.02-0.05 stars/FWHM²: 0.05-0.20 at 270-540.
     """
     enough = _WINGS_SIGNIFICANCE * wings.knots.size
     return wings.light > _WINGS_LIGHT and wings.significance > enough
