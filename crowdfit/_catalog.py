@@ -96,7 +96,8 @@ class Catalog:
 
     @classmethod
     def read_csv(cls, path) -> Catalog:
-        """Read a catalog written by `to_csv`."""
+        """Read a catalog written by `to_csv` (the columns only: no `meta`, so `model_image`
+        draws its sources as Gaussians, without any PSF wings `fit_image` measured)."""
         with open(path) as f:
             names = f.readline().strip().split(",")
         table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)

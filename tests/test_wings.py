@@ -152,3 +152,14 @@ def test_cli_measures_the_wings_unless_told_not_to(moffat_field, tmp_path, capsy
     assert cli_main(["fit", str(path), "--sigma", "2", "--no-wings", "--out", str(out),
                      "--quiet"]) == 0  # fmt: skip
     assert len(crowdfit.Catalog.read_csv(out)) > 2 * len(truth["x"])
+
+
+def test_movie_warns_that_its_traces_miss_the_wings(moffat_field):
+    image, truth = moffat_field
+    rng = np.random.default_rng(0)
+    movie = image[None] + rng.normal(0.0, 5.0, (3, *image.shape))
+    with pytest.warns(UserWarning, match="the traces miss that light") as said:
+        traces = crowdfit.fit_movie(movie, sigma=2.0, progress_bar=False)
+    assert not any("fits Gaussians alone)" in str(w.message) for w in said)  # (not fit_image's)
+    assert traces.catalog.meta["wings"] is not None
+    assert len(traces.catalog) == len(truth["x"])
