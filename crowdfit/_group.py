@@ -48,7 +48,8 @@ class Region:
       `[col0, col1)` of the image, clipped to it.
     - `members`: `(M,)` int indices of the sources fitted *and reported* by this region.
     - `neighbours`: `(K - M,)` int indices of sources whose light reaches the window; they are
-      fitted jointly here, but reported by the region where they are members.
+      measured by the region where they are members, and their light is part of this
+      region's model (`fit_image` holds it as known light from their latest fit).
     - `group`: id of the cluster of overlapping sources this region came from (a cluster too big
       for one region is split into several regions with the same `group`).
     """
@@ -176,8 +177,8 @@ def group_sources(
     linear in the number of sources.
 
     Every source is a member of exactly one region. A region's `neighbours` are the other sources
-    within `margin` of its window (whose light reaches it), of any cluster, nearest first: they are
-    fitted jointly so that their light is not absorbed by members or background. When members plus
+    within `margin` of its window (whose light reaches it), of any cluster, nearest first: their
+    light must be part of the region's model, or members and background absorb it. When members plus
     neighbours would exceed `max_total`, only the nearest neighbours are kept (or, given `flux`,
     those that put the most light on the window, `flux · exp(-d² / (2σ²))` with `d` their distance
     to the window).

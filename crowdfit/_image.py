@@ -55,6 +55,17 @@ _K_BUCKETS = (2, 4, 8, 16)
 _SIZE_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
+# And one within `_SHIFT_REACH` widths of a source whose light moved in the last fit by more
+# than `_SHIFT_CHI2` (in noise units, `_light_change`): its region held that source's old light
+# as known light. Without this, the regions of a crowd were fitted once against their
+# neighbours' stale fits and left there (block coordinate descent stopped after one sweep): on
+# 512² fields refitting every region of the finished catalog moved 47 of 2322 sources by more
+# than 0.5 px. With it, on six fields at 0.1 / 0.2 / 0.3 stars/FWHM² the Jaccard index went
+# from 0.973 / 0.946 / 0.889 to 0.977 / 0.958 / 0.902 and the false sources from 12 / 41 / 105
+# to 8 / 19 / 63 per field, for +5 to +20 % of the time. (Reach 5 widths, as for changes: the
+# same catalogs, more refits; more loop passes than `rounds` + 5: no better.)
+_SHIFT_CHI2 = 16.0
+_SHIFT_REACH = 3.0
 # The residual's smooth background is estimated again (and the residual searched everywhere)
 # only when the model changed over more than this fraction of the image since it was: by more
 # than `_CHANGE_TOL` of the noise, within the matched filter's reach. Otherwise the residual is
@@ -616,6 +627,15 @@ def _with_wings(cat, wings):
                 amplitude=cat["amplitude"] + cat["flux"] * wings.values[0])  # fmt: skip
 
 
+def _light_change(src, cat, width, noise_level):
+    """`(N,)` how far each source's light moved between its start `src` and its fit `cat`: the
+    squared norm of the difference of the two Gaussians over the noise (to first order)."""
+    f = 0.5 * (np.abs(src["flux"]) + np.abs(cat["flux"]))
+    d2 = (cat["x"] - src["x"]) ** 2 + (cat["y"] - src["y"]) ** 2
+    norm = (cat["flux"] - src["flux"]) ** 2 + f**2 * d2 / (2 * width**2)
+    return np.nan_to_num(norm / (4 * math.pi * width**2 * noise_level**2), nan=np.inf)
+
+
 def _changed_area(model, reference, tol, reach):
     """`(H, W)` True within `reach` pixels (a square) of where `model` and `reference` differ
     by more than `tol`; `None` when there is no `reference` (everything changed)."""
@@ -751,18 +771,19 @@ def fit_image(
 
     Sources are detected on the PSF-matched-filtered image (threshold in units of the filtered
     image's noise, from a robust MAD estimate), grouped where their light overlaps into regions
-    of at most `max_sources` sources and `max_window` pixels a side (neighbours just outside a
-    region are fitted with it but reported by their own region), and all regions are fitted in
-    batches, each a sum of Gaussians plus one shared background; the field is fitted twice
-    before anything is judged, so that every neighbour's light comes from its own fit. Then,
-    for up to `rounds` rounds, the residual image is searched for hidden neighbours (after the
-    first search, only where the model changed since the last one); with
-    `split`, sources whose residual shows the quadrupole of an unresolved pair are tested as
-    two sources against one (a likelihood-ratio test, see `crowdfit._split`); sources that are
-    not significant (`flux / flux_err < min_snr`; for a weak source within 2 PSF widths of
-    others, the likelihood-ratio test of it against those neighbours alone) or that merged into
-    a brighter one (closer than half a width) are dropped; and the regions near any change are
-    refitted (a fit that another fit or search follows stops after 20 iterations; a region it leaves
+    of at most `max_sources` sources and `max_window` pixels a side (the light of neighbours
+    just outside a region is known light there, from their own region's fit), and all regions
+    are fitted in batches, each a sum of Gaussians plus one shared background; the field is
+    fitted twice before anything is judged, so that every neighbour's light comes from its own
+    fit. Then, for up to `rounds` rounds, the residual image is searched for hidden neighbours
+    (after the first search, only where the model changed since the last one); with `split`,
+    sources whose residual shows the quadrupole of an unresolved pair are tested as two
+    sources against one (a likelihood-ratio test, see `crowdfit._split`); sources that are not
+    significant (`flux / flux_err < min_snr`; for a weak source within 2 PSF widths of others,
+    the likelihood-ratio test of it against those neighbours alone) or that merged into a
+    brighter one (closer than half a width) are dropped; and the regions near any change are
+    refitted, as are those that held a neighbour's light that its own fit then moved (a fit
+    that another fit or search follows stops after 20 iterations; a region it leaves
     unconverged goes on in the next pass). Pairs down to about 0.7 σ apart are resolved at
     S/N ~ 70 each.
 
@@ -1010,7 +1031,11 @@ def fit_image(
                     exclude=near_new | ~refitted[keep], psf_error=psf_error, **test_kw,
                 )  # fmt: skip
             meta["rounds"] += 1
-        if new["x"].size == 0 and parents.size == 0 and keep.all() and not cut_short:
+        # Sources whose light moved since the fit their neighbours saw: those neighbours'
+        # regions are refitted (see `_SHIFT_CHI2`).
+        shifted = refitted & (_light_change(src, cat, width, noise_level) > _SHIFT_CHI2) & keep
+        if (new["x"].size == 0 and parents.size == 0 and keep.all() and not cut_short
+                and not shifted.any()):  # fmt: skip
             break
         stay = np.ones(kept["x"].size, bool)
         stay[parents] = False
@@ -1046,6 +1071,12 @@ def fit_image(
             n_src = src["x"].size
             src["dirty"][a[(a < n_src) & (b >= n_src)]] = True
             src["dirty"][b[(b < n_src) & (a >= n_src)]] = True
+        moved = shifted[keep][stay]
+        if moved.any():  # (the sources near one whose light moved: see `_SHIFT_REACH`)
+            m = moved.size  # (the first `m` of `src` are the kept sources, in order)
+            a, b = _pairs_within(src["x"][:m], src["y"][:m], _SHIFT_REACH * width)
+            src["dirty"][a[moved[b]]] = True
+            src["dirty"][b[moved[a]]] = True
     if keep is not None:  # the last fit, judged; rows in reading order (by y, then x)
         cat = {c: v[keep] for c, v in cat.items()}
         order = np.lexsort((cat["x"], cat["y"]))

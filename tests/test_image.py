@@ -427,3 +427,35 @@ def test_changed_area_is_where_the_model_moved_within_reach():
     expected[7:14, 42:49] = True
     np.testing.assert_array_equal(area, expected)
     assert _image._changed_area(model, None, 0.1, 3) is None
+
+
+def test_neighbours_of_a_source_whose_fit_moved_are_refitted(monkeypatch):
+    # A region holds its neighbours' light as known light from their latest fits; when one of
+    # those fits then moves, the regions that held its old light must be fitted again, or the
+    # crowd is left after one sweep of block coordinate descent.
+    from crowdfit import _image
+
+    calls = []
+    fit_all = _image._fit_all
+
+    def spy(img, good, src, *args, **kw):
+        out = fit_all(img, good, src, *args, **kw)
+        calls.append((src, out[0], out[3]))
+        return out
+
+    monkeypatch.setattr(_image, "_fit_all", spy)
+    image, _ = crowdfit.simulate_field((96, 96), 125, seed=3)
+    crowdfit.fit_image(image, sigma=2.0)
+    checked = 0
+    for (src, cat, refitted), (nxt, _, _) in zip(calls[1:], calls[2:], strict=False):
+        noise = 5.0  # (the simulation's)
+        moved = refitted & (_image._light_change(src, cat, 2.0, noise) > 2 * _image._SHIFT_CHI2)
+        prev = nxt["prev"]
+        kept = prev >= 0
+        old = prev[kept]
+        for i in np.flatnonzero(moved):
+            d = np.hypot(nxt["x"][kept] - cat["x"][i], nxt["y"][kept] - cat["y"][i])
+            near = (d < 0.9 * _image._SHIFT_REACH * 2.0) & (old != i)
+            assert nxt["dirty"][kept][near].all()
+            checked += near.sum()
+    assert checked > 20
