@@ -629,7 +629,10 @@ def _with_wings(cat, wings):
 
 def _light_change(src, cat, width, noise_level):
     """`(N,)` how far each source's light moved between its start `src` and its fit `cat`: the
-    squared norm of the difference of the two Gaussians over the noise (to first order)."""
+    squared norm of the difference of the two Gaussians over the noise (to first order; 0 on
+    an image without noise, where no scale says what a change is)."""
+    if not (np.isfinite(noise_level) and noise_level > 0):
+        return np.zeros(cat["x"].size)
     f = 0.5 * (np.abs(src["flux"]) + np.abs(cat["flux"]))
     d2 = (cat["x"] - src["x"]) ** 2 + (cat["y"] - src["y"]) ** 2
     norm = (cat["flux"] - src["flux"]) ** 2 + f**2 * d2 / (2 * width**2)

@@ -459,3 +459,21 @@ def test_neighbours_of_a_source_whose_fit_moved_are_refitted(monkeypatch):
             assert nxt["dirty"][kept][near].all()
             checked += near.sum()
     assert checked > 20
+
+
+def test_light_change_is_the_norm_of_the_moved_light_over_the_noise():
+    from crowdfit import _image
+
+    yy, xx = np.mgrid[:64, :64].astype(float)
+
+    def gauss(x, y, f, s=2.0):
+        return f * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s)) / (2 * np.pi * s * s)
+
+    src = {"x": np.array([30.0, 30.0]), "y": np.array([31.0, 31.0]), "flux": np.array([2000.0] * 2)}
+    fit = {"x": np.array([30.0, 30.3]), "y": src["y"], "flux": np.array([2100.0, 2000.0])}
+    got = _image._light_change(src, fit, 2.0, 5.0)
+    want = [np.sum((gauss(fit["x"][i], 31.0, fit["flux"][i]) - gauss(30.0, 31.0, 2000.0)) ** 2)
+            / 25.0 for i in range(2)]  # fmt: skip
+    np.testing.assert_allclose(got, want, rtol=0.05)
+    # (an image without noise has no scale for a change: nothing is propagated)
+    np.testing.assert_array_equal(_image._light_change(src, fit, 2.0, 0.0), [0.0, 0.0])
