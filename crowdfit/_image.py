@@ -863,8 +863,8 @@ def fit_image(
       `flux` includes it, `meta["wings"]` holds it, `model_image` draws it, σ (if estimated)
       is not measured again, and a warning says so. On Moffat fields of β = 3
       (`benchmarks/psf_shape.py`): 133 stars of S/N 700 at 0.02 stars/FWHM² came out as 133
-      sources (886 without), fluxes -1.9 % (-20 %); at S/N 70 and 0.02-0.05 stars/FWHM²,
-      Jaccard 0.99 (0.95-0.98), fluxes -0.4 to -1.7 % (-20 %). The light beyond 3 FWHM, where
+      sources (878 without), fluxes -1.8 % (-20 %); at S/N 70 and 0.02-0.05 stars/FWHM²,
+      Jaccard 0.99 (0.95-0.98), fluxes -0.0 to -1.4 % (-20 %). The light beyond 3 FWHM, where
       each star's sky is taken, is not counted (-1 to -4 % for β = 2.5). In crowds of 0.1
       stars/FWHM² and more, few stars are isolated and their outer rings hold their
       neighbours' wings: the wings come out too weak or are not found. No Gaussian field tried
