@@ -123,6 +123,27 @@ def test_gaussian_field_has_no_wings():
     assert np.median(cat["chi2_reduced"]) == pytest.approx(1.0, abs=0.1)
 
 
+def test_wings_that_no_longer_matter_are_dropped():
+    # Wings that were taken on (a first look passed) and then measure below the gate are
+    # dropped, not kept as a sliver of light (on big Gaussian fields that cost 7× the time).
+    from crowdfit._image import _measured_wings
+    from crowdfit._psf import get_psf
+
+    image, _ = crowdfit.simulate_field((192, 192), 16, flux=25130.0, min_separation=36.0,
+                                       border=12.0, seed=3)  # fmt: skip
+    cat = crowdfit.fit_image(image, sigma=2.0, psf_wings=False)
+    cols = {c: np.asarray(cat[c]) for c in cat.columns}
+    bg = np.asarray(cat.meta["background_image"])
+    knots = np.arange(1.0, 19.0)
+    values = np.where(knots < 9, 2e-4, 0.0)
+    light = float(render_wings(Wings(knots, values, 19.0, 0.0, np.zeros(18), 1), np.zeros(1),
+                               np.zeros(1), np.ones(1), None).sum())  # fmt: skip
+    known = Wings(knots, values, 19.0, light, np.full(18, 1e-5), 16)
+    assert _wings_matter(known)
+    good = np.ones(image.shape, bool)
+    assert _measured_wings(image, good, cols, bg, get_psf("gaussian"), 2.0, known) is None
+
+
 def test_dask_tiles_measure_the_wings_and_warn_once(moffat_field):
     da = pytest.importorskip("dask.array")
     from crowdfit.dask import fit_image_dask
