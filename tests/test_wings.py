@@ -184,3 +184,19 @@ def test_movie_warns_that_its_traces_miss_the_wings(moffat_field):
     assert not any("fits Gaussians alone)" in str(w.message) for w in said)  # (not fit_image's)
     assert traces.catalog.meta["wings"] is not None
     assert len(traces.catalog) == len(truth["x"])
+
+
+def test_many_sources_are_drawn_by_fft_like_stamp_by_stamp(monkeypatch):
+    from crowdfit import _wings
+
+    knots = np.arange(19) + 0.5
+    wings = Wings(knots, 1e-3 * np.exp(-knots / 4), 19.0, 0.1, np.zeros(19), 10)
+    rng = np.random.default_rng(0)
+    n = 600  # (above `_FFT_SOURCES`), some just outside the image
+    x, y, flux = rng.uniform(-5, 100, n), rng.uniform(-5, 80, n), rng.uniform(1e3, 5e3, n)
+    fft = render_wings(wings, x, y, flux, (76, 96))
+    monkeypatch.setattr(_wings, "_FFT_SOURCES", 10**9)
+    stamps = render_wings(wings, x, y, flux, (76, 96))
+    assert fft.sum() == pytest.approx(stamps.sum(), rel=2e-3)
+    assert np.sqrt(np.mean((fft - stamps) ** 2)) < 0.01 * stamps.mean()
+    assert np.abs(fft - stamps).max() < 0.05 * stamps.max()
