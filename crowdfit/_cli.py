@@ -60,18 +60,6 @@ def _demo(args) -> int:
     return 0
 
 
-def _compilation_cache():
-    # Compiled programs are kept on disk, so a second run of the command starts at once.
-    import os
-
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        path = os.path.join(os.path.expanduser("~"), ".cache", "crowdfit", "jax")
-        jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def main(argv=None) -> int:
     """Entry point of the `crowdfit` command."""
     parser = argparse.ArgumentParser(
@@ -137,7 +125,6 @@ def main(argv=None) -> int:
     demo.set_defaults(func=_demo)
 
     args = parser.parse_args(argv)
-    _compilation_cache()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._background import n_background_params
+from ._disk_cache import compiled
 from ._implicit import implicit_optimum
 from ._linalg import exact_matmuls, masked_inverse
-from ._noise import get_noise
+from ._noise import NOISE_NAMES, get_noise
 from ._problem import RegionProblem, has_profile
 from ._progress import progress
-from ._psf import get_psf
+from ._psf import PSF_NAMES, get_psf
 from ._solution import FitResult, Status
 from ._solver import levenberg_marquardt, optax_minimise
 from ._threads import cpu_map
@@ -211,6 +212,20 @@ def _program(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
     return jax.jit(batch)
 
 
+def _program_name(problem, solver, max_iter, tol, adjoint, chunk, known_scale):
+    """`_program`'s settings as a string that is the same in every process (the disk cache's
+    name for it, see `_disk_cache`), or `None` for a program that has none: a PSF, noise model
+    or solver of the user's own (functions, which no string identifies)."""
+    psf, noise = problem.psf, problem.noise
+    builtin_psf = psf.name in PSF_NAMES and get_psf(psf.name) is psf
+    builtin_noise = noise.name in NOISE_NAMES and get_noise(noise.name) is noise
+    if not (builtin_psf and builtin_noise and solver == "lm"):
+        return None
+    fields = (problem.psf.name, problem.names, tuple(sorted(problem.fixed)), problem.background,
+              problem.noise.name, problem.n_sources, problem.shape, problem.separable)  # fmt: skip
+    return repr(("fit", *fields, max_iter, tol, adjoint, chunk, known_scale))
+
+
 def _errors(problem, sd, valid):
     nf = len(problem.free_names)
     k = problem.n_sources
@@ -230,13 +245,14 @@ def _errors(problem, sd, valid):
 _STAGES = (8, 20)
 
 
-def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
+def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch, name=None):
     """Fit one piece with the program `fn`, `budget` iterations at most.
 
     `start` `(n, P)`: internal parameters to continue from instead of the piece's `init`.
     A host (numpy) piece is fitted `chunk` regions per call (the last call padded), so a
-    problem compiles one program whatever the number of regions; a traced piece is padded to
-    its bucket (`_bucket`) and fitted in one call.
+    problem compiles one program whatever the number of regions (kept on disk under `name`,
+    see `_disk_cache`); a traced piece is padded to its bucket (`_bucket`) and fitted in one
+    call.
     """
     host = isinstance(piece[0], np.ndarray)
     xp = np if host else jnp
@@ -253,7 +269,9 @@ def _run(fn, piece, budget, start=None, *, n_params, chunk, max_batch):
     if not host:
         return jax.tree_util.tree_map(lambda a: a[:n], fn(*args, budget))
     starts = range(0, size, chunk)
-    call = lambda s: fn(*jax.tree_util.tree_map(lambda a: a[s : s + chunk], args), budget)
+    cut = lambda s: (*jax.tree_util.tree_map(lambda a: a[s : s + chunk], args), budget)
+    exe = compiled(fn, name, cut(0))
+    call = lambda s: exe(*cut(s))
     if _on_cpu():  # side by side, one thread per core (see `_threads`)
         outs = list(cpu_map(lambda s: jax.device_get(call(s)), starts, pool="chunks"))
     else:  # every call is dispatched before any result is fetched: the device never waits
@@ -566,7 +584,11 @@ def fit_regions(
         )
         fn = _program(problem, solver, static_iter, float(tol), program_adjoint, int(chunk),
                       known_scale)  # fmt: skip
-        run = functools.partial(_run, fn, n_params=problem.size, chunk=chunk, max_batch=max_batch)
+        name = _program_name(problem, solver, static_iter, float(tol), program_adjoint,
+                             int(chunk), known_scale)  # fmt: skip
+        run = functools.partial(
+            _run, fn, n_params=problem.size, chunk=chunk, max_batch=max_batch, name=name
+        )
         group = inputs if sel is None else jax.tree_util.tree_map(lambda a, i=sel: a[i], inputs)
         n_group = group[0].shape[0]
         pieces = []

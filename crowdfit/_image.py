@@ -27,7 +27,8 @@ from ._fill import find_fill
 from ._fit import _default_sizes, fit_regions
 from ._group import _pairs_within, _round_up, group_sources, pad_windows
 from ._progress import progress
-from ._psf import amplitude, get_psf, render_windows
+from ._psf import amplitude, get_psf
+from ._render import render_windows
 from ._saturation import clear_rims, saturation_level, seed_holes
 from ._solution import Status
 from ._spikes import find_spikes

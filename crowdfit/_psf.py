@@ -6,13 +6,10 @@ A PSF is any function `(params: dict, x, y) -> image`; the built-ins below are l
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import erf
 
 __all__ = ["PSF", "get_psf", "PSF_NAMES"]
@@ -183,32 +180,3 @@ def amplitude(params: dict, psf: str | PSF = "gaussian"):
     if psf.name.startswith("integrated"):
         return params["flux"] * _integrated_1d(0.0, sx) * _integrated_1d(0.0, sy)
     return params["flux"] / (2 * math.pi * sx * sy)
-
-
-def render_windows(psf: PSF, params: dict, size: int) -> np.ndarray:
-    """The summed light of `K` sources on each of `B` square windows, on the host.
-
-    `params`: `(B, K)` arrays (or scalars) for each of the PSF's parameters, in window
-    coordinates; `size`: pixels a side. `B` and `K` are padded to powers of two (padded sources
-    have zero flux), so a whole image's windows compile a few programs rather than one per
-    batch. **Returns:** a `(B, size, size)` numpy array.
-    """
-    b, k = np.shape(params["x"])
-    if b == 0 or k == 0:
-        return np.zeros((b, size, size))
-    bb, kk = 1 << (b - 1).bit_length(), 1 << (k - 1).bit_length()
-    padded = {
-        n: np.pad(np.broadcast_to(np.asarray(v, float), (b, k)), ((0, bb - b), (0, kk - k)),
-                  mode="edge")
-        for n, v in params.items()
-    }  # fmt: skip
-    padded["flux"][b:] = 0.0
-    padded["flux"][:, k:] = 0.0
-    return np.asarray(_render_windows(psf, padded, int(size)))[:b]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _render_windows(psf, p, size):
-    grid = jnp.arange(size, dtype=p["x"].dtype)
-    q = {n: v[:, :, None, None] for n, v in p.items()}
-    return psf(q, grid[None, None, None, :], grid[None, None, :, None]).sum(1)

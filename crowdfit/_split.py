@@ -31,7 +31,7 @@ import numpy as np
 from ._background import sky_shape
 from ._fit import fit_regions
 from ._group import pad_windows
-from ._psf import render_windows
+from ._render import render_windows
 
 __all__ = ["quadrupole_screen", "nested_test", "find_splits"]
 

@@ -14,6 +14,10 @@ CACHE_DIR = os.environ.setdefault(
 )
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# crowdfit's own cache of compiled fit programs (`_disk_cache`), kept out of the home directory.
+os.environ.setdefault(
+    "CROWDFIT_CACHE_DIR", os.path.join(tempfile.gettempdir(), "crowdfit-program-cache")
+)
 
 
 @pytest.fixture

@@ -58,3 +58,23 @@ def test_model_image_of_a_profile_of_ones_own_is_tiled():
     expected[5:8, 4:7] = 1.0
     expected[2:5, 19:22] = 2.0
     np.testing.assert_allclose(image, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "integrated_elliptical_gaussian"])
+def test_windows_drawn_in_numpy_match_the_psf_drawn_by_jax(name):
+    # The built-in profiles are drawn in numpy; the same sources as a PSF without a profile
+    # (so drawn by JAX from its `render`) give the same windows.
+    psf = get_psf(name)
+    rng = np.random.default_rng(3)
+    b, k, size = 5, 3, 12
+    params = {"x": rng.uniform(-2, 14, (b, k)), "y": rng.uniform(0, 11, (b, k)),
+              "flux": rng.uniform(10, 500, (b, k))}  # fmt: skip
+    if "sigma" in psf.params:
+        params["sigma"] = 1.7
+    else:
+        params["sigma_x"], params["sigma_y"] = rng.uniform(1, 3, (b, k)), 2.2
+    numpy_drawn = _render.render_windows(psf, params, size)
+    as_jax = crowdfit.PSF(name + "_by_jax", psf.params, psf.render)
+    jax_drawn = _render.render_windows(as_jax, params, size)
+    assert numpy_drawn.shape == (b, size, size)
+    np.testing.assert_allclose(numpy_drawn, jax_drawn, rtol=1e-4, atol=1e-4 * params["flux"].max())
