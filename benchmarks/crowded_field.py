@@ -328,6 +328,9 @@ def main(argv=None):
     import crowdfit
 
     tmp = tempfile.TemporaryDirectory(prefix="crowdfit-crowded-")
+    # crowdfit's worker starts with an empty cache of compiled programs (`_disk_cache`), so its
+    # first calls compile them (a later process on this machine would load them instead).
+    os.environ["CROWDFIT_CACHE_DIR"] = str(Path(tmp.name, "programs"))
     fields, truths = [], []
     for i, dens in enumerate(args.densities):
         n = n_for_density(dens, size)
