@@ -25,7 +25,7 @@ _REACH = 4.0 * _FWHM
 _ALONE = 2.0 * _FWHM
 _FAINT = 0.05
 _SKY = 3.0 * _FWHM
-# Stars that carry the measurement: the brightest this many above this S/N.
+# Stars that carry the measurement: this many above this S/N (spread over the ranking by flux).
 _MAX_STARS = 200
 _MIN_SNR = 20.0
 _MIN_STARS = 10
@@ -82,10 +82,10 @@ def measure_wings(residual, good, x, y, flux, snr, width: float, previous=None, 
     `previous` the `Wings` in the catalog's light, or `None`; `robust`: each ring's median
     (else its mean: 2-3× faster, for a first look).
 
-    Each of the brightest (up to 200) isolated sources above S/N 20 gives, in rings half a
-    width wide out to 4 FWHM, the median of its residual (plus its own `previous` wings) over
-    the ring, per unit flux, less the median of its rings from 3 FWHM on (its sky); the profile
-    is the median of those over the sources. The median, because a neighbour missing from the
+    Each of up to 200 isolated sources above S/N 20 (all of them, or 200 spread evenly over
+    their ranking by flux) gives, in rings half a width wide out to 4 FWHM, the median of its
+    residual (plus its own `previous` wings) over the ring, per unit flux, less the median of
+    its rings from 3 FWHM on (its sky); the profile is the median of those over the sources. The median, because a neighbour missing from the
     catalog sits in a few sources' rings: at the second fit of a field of bright Gaussian stars,
     close pairs still fitted as one made a least-squares profile hold 6 % of the light.
 
@@ -112,7 +112,13 @@ def measure_wings(residual, good, x, y, flux, snr, width: float, previous=None, 
     idx = np.where(use & ~crowded)[0]
     if idx.size < _MIN_STARS:
         return None
-    idx = idx[np.argsort(-flux[idx])[:_MAX_STARS]]
+    idx = idx[np.argsort(-flux[idx], kind="stable")]
+    if idx.size > _MAX_STARS:
+        # Spread evenly over the ranking by flux, not the brightest: where the stars' fluxes are
+        # alike, the brightest are unresolved pairs, wider than the PSF. On a 1024² Gaussian
+        # field at 0.1 stars/FWHM² (4700 stars) the 200 brightest of the first look were
+        # mostly pairs, and made "wings" of 15 % of the light.
+        idx = idx[np.linspace(0, idx.size - 1, _MAX_STARS).round().astype(int)]
     x, y, flux = x[idx], y[idx], flux[idx]
     step = _STEP * width
     n_rings = int(math.ceil(_REACH / _STEP))

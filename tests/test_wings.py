@@ -80,6 +80,40 @@ def test_noise_alone_gives_no_wings():
                          np.full(9, 70.0), 2.0) is None  # fmt: skip
 
 
+def test_unresolved_pairs_among_the_brightest_make_no_wings():
+    # 600 isolated sources of equal stars: the 150 brightest are pairs 1.5σ apart fitted as one
+    # (flux 2F), whose residual (the pair less one Gaussian at its centre) is a dark core in a
+    # bright ring, like wings; the others leave noise. The 200 brightest, mostly pairs, made
+    # wings of 15 % of the light on a 1024² field; spread over the ranking they are a minority.
+    rng = np.random.default_rng(5)
+    side, step, s = 30, 40, 2.0
+    gx, gy = np.meshgrid(20.0 + step * np.arange(side), 20.0 + step * np.arange(20))
+    x, y = gx.ravel() + rng.uniform(-0.5, 0.5, 600), gy.ravel() + rng.uniform(-0.5, 0.5, 600)
+    pair = np.zeros(600, bool)
+    pair[rng.choice(600, 150, replace=False)] = True
+    flux = np.where(pair, 2 * 2513.0, 2513.0)
+    shape = (20 * step, side * step)
+    residual = rng.normal(0.0, 5.0, shape)
+    yy, xx = np.mgrid[-12:13, -12:13]
+
+    def gauss(dx, dy):
+        return np.exp(-((xx - dx) ** 2 + (yy - dy) ** 2) / (2 * s * s)) / (2 * np.pi * s * s)
+
+    for i in np.flatnonzero(pair):
+        cx, cy = int(round(x[i])), int(round(y[i]))
+        fx, fy = x[i] - cx, y[i] - cy
+        blend = 0.5 * (gauss(fx - 1.5, fy) + gauss(fx + 1.5, fy)) - gauss(fx, fy)
+        residual[cy - 12 : cy + 13, cx - 12 : cx + 13] += flux[i] * blend
+    snr = flux / 35.0
+    w = measure_wings(residual, np.ones(shape, bool), x, y, flux, snr, s)
+    assert w.n_stars == 200
+    assert not _wings_matter(w), (w.light, w.significance)
+    # The brightest 200 alone (150 pairs) do make "wings".
+    top = np.argsort(-flux, kind="stable")[:200]
+    pairs = measure_wings(residual, np.ones(shape, bool), x[top], y[top], flux[top], snr[top], s)
+    assert _wings_matter(pairs), (pairs.light, pairs.significance)
+
+
 def test_moffat_stars_are_measured_with_their_wings(moffat_field, moffat_catalog):
     _, truth = moffat_field
     cat = moffat_catalog
