@@ -768,7 +768,7 @@ def fit_image(
     offset: float = 0.0,
     min_snr: float = 5.0,
     rounds: int = 3,
-    max_sources: int = 8,
+    max_sources: int = 16,
     max_window: int | None = None,
     split: bool = True,
     spikes: bool = True,
@@ -830,19 +830,21 @@ def fit_image(
       from more: at 0.3 stars/FWHM², 6 rounds raised the Jaccard index by 0.007–0.011 for about
       30 % more time.
     - `max_sources`, `max_window`: bounds on a region (members, pixels a side). `max_window`
-      `None` (default) scales with the PSF: 32 up to σ = 2, then 16σ rounded up to a multiple
+      `None` (default) scales with the PSF: 48 up to σ = 3, then 16σ rounded up to a multiple
       of 16 (`crowdfit._group.default_max_window`; with σ estimated, from the estimate). Bigger
-      regions hold fewer neighbours as known light at their edges and resolve crowds better,
-      at a cost in time: on twenty 256² fields, `max_sources=16, max_window=48` raised the
-      Jaccard index from 0.900 to 0.927 at 0.3 stars/FWHM² (0.942 to 0.958 at 0.2, 0.979 at
-      0.1 both) for about 1.2× the warm time; the mean flux error moved from +2.7 % to +3.0 %.
-      Its bigger region shapes compile more programs: a first call on a dense field takes about
-      twice as long.
+      regions hold fewer neighbours as known light at their edges and resolve crowds better.
+      The defaults were 8 sources and 32 pixels (at σ = 2) until the compiled programs were
+      kept on disk (their bigger region shapes compile more programs); on three 512² fields
+      each, run in turn, 16 and 48 raised the Jaccard index from 0.905 / 0.905 / 0.893 to
+      0.934 / 0.929 / 0.931 at 0.3 stars/FWHM² and from 0.954 / 0.949 / 0.951 to
+      0.954 / 0.963 / 0.958 at 0.2, halved the false sources at 0.3, and brought the median
+      flux error from −0.5 % to −0.1 % there, for 0–18 % more warm time. `max_sources=8,
+      max_window=32` is a little faster on dense fields.
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
-      `rounds=1, split=False` is the fast end of the dial (big regions, above, the accurate
-      end): on the crowded-field benchmark (512², 0.02–0.3 stars/FWHM²) 1.7–2.4× faster,
-      Jaccard 0.996–0.789 against the default's 1.000–0.897 (`benchmarks/crowded_field.py`).
+      `rounds=1, split=False` is the fast end of the dial: on the crowded-field benchmark
+      (512², 0.02–0.3 stars/FWHM²) 1.7–2.4× faster, Jaccard 0.996–0.789 against the default's
+      1.000–0.897 (`benchmarks/crowded_field.py`).
     - `spikes`: mask the pixels sharper than any PSF of the image's width can make (hot pixels,
       hot columns, cosmic-ray hits), with a warning that counts them (default; see
       `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds

@@ -548,7 +548,7 @@ def fit_movie(
     offset: float = 0.0,
     threshold: float | None = None,
     min_snr: float = 5.0,
-    max_sources: int = 8,
+    max_sources: int = 16,
     max_window: int | None = None,
     max_iter: int = 50,
     chunk_frames: int | None = None,

@@ -166,8 +166,8 @@ def fit_image_dask(
     - `array`: an `(H, W)` dask array, numpy array or memmap (read lazily, tile by tile).
     - `tile`: tile side in pixels, one number or `(rows, cols)`.
     - `halo`: pixels of context around each tile (default: `max_window`, whose default with
-      `sigma` given is `default_max_window(sigma)`, 32 up to σ = 2; without `sigma`, 32: pass
-      `sigma` for PSFs wider than 2 px). A region's window and its neighbours fit in it.
+      `sigma` given is `default_max_window(sigma)`, 48 up to σ = 3; without `sigma`, 48: pass
+      `sigma` for PSFs wider than 3 px). A region's window and its neighbours fit in it.
     - `mask`: `(H, W)` True where a pixel counts (a numpy array).
     - `progress_bar`: show progress (dask's local scheduler only).
     - `fit_image_kwargs`: passed to `fit_image` (`sigma`, `psf`, `background`, `noise`, ...).
@@ -196,7 +196,7 @@ def fit_image_dask(
         sigma = fit_image_kwargs.get("sigma")
         halo = fit_image_kwargs.get("max_window")
         if halo is None:
-            halo = 32 if sigma is None else default_max_window(float(np.max(sigma)))
+            halo = 48 if sigma is None else default_max_window(float(np.max(sigma)))
     halo = int(halo)
     if halo < 0:
         raise ValueError(f"halo must be >= 0, got {halo}")
@@ -302,7 +302,7 @@ def fit_movie_dask(
     offset: float = 0.0,
     threshold: float | None = None,
     min_snr: float = 5.0,
-    max_sources: int = 8,
+    max_sources: int = 16,
     max_window: int | None = None,
     max_iter: int = 50,
     chunk_frames: int | None = None,

@@ -184,13 +184,13 @@ def test_default_window_bound_scales_with_sigma():
     # A row of sources 3 sigma apart at sigma = 5: 32 px would cut it into 1-2-source regions.
     x = 20.0 + 15.0 * np.arange(12)
     y = np.full(12, 60.0)
-    assert [default_max_window(s) for s in (0.5, 2.0, 2.01, 3.0, 3.5, 5.0)] == [
-        32, 32, 48, 48, 64, 80
+    assert [default_max_window(s) for s in (0.5, 2.0, 3.0, 3.01, 3.5, 5.0)] == [
+        48, 48, 48, 64, 64, 80
     ]  # fmt: skip
     regions = group_sources(x, y, 5.0, (120, 220))
     check_regions(regions, x, y, (120, 220), max_window=80)
-    assert max(max(r.shape) for r in regions) > 32
-    narrow = group_sources(x, y, 5.0, (120, 220), max_window=32)
+    assert max(max(r.shape) for r in regions) > 48
+    narrow = group_sources(x, y, 5.0, (120, 220), max_window=48)
     assert len(narrow) > len(regions)
 
 
