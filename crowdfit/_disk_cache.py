@@ -11,9 +11,12 @@ Where: `$CROWDFIT_CACHE_DIR`, else `$XDG_CACHE_HOME/crowdfit/programs` (`~/.cach
 name (built-in PSF and noise models; see `_fit._program_name`). A file is found by a hash of
 the program's name, its arguments' shapes and dtypes, and everything that could make an old
 executable wrong or unloadable here: crowdfit's source, the jax and jaxlib versions, the
-backend, the CPU's features, `XLA_FLAGS` and float64 mode. A file that does not load is
-deleted and the program compiled again; a cache that cannot be written is warned about once
-and skipped. The newest `_MAX_FILES` files are kept.
+backend, the CPU's features, `XLA_FLAGS` and float64 mode. A loaded program is run once on
+its first arguments; a file that does not load or run is deleted and the program compiled
+again. A program that JAX's own compilation cache served (when `jax_compilation_cache_dir` is
+set) is not stored: serialized again, such an executable lacks its compiled functions. A cache
+that cannot be written is warned about once and skipped. The newest `_MAX_FILES` files are
+kept. The files are pickles: the directory must be the user's own, like any cache of code.
 """
 
 from __future__ import annotations

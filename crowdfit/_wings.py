@@ -85,9 +85,10 @@ def measure_wings(residual, good, x, y, flux, snr, width: float, previous=None, 
     Each of up to 200 isolated sources above S/N 20 (all of them, or 200 spread evenly over
     their ranking by flux) gives, in rings half a width wide out to 4 FWHM, the median of its
     residual (plus its own `previous` wings) over the ring, per unit flux, less the median of
-    its rings from 3 FWHM on (its sky); the profile is the median of those over the sources. The median, because a neighbour missing from the
-    catalog sits in a few sources' rings: at the second fit of a field of bright Gaussian stars,
-    close pairs still fitted as one made a least-squares profile hold 6 % of the light.
+    its rings from 3 FWHM on (its sky); the profile is the median of those over the sources.
+    The median, because a neighbour missing from the catalog sits in a few sources' rings: at
+    the second fit of a field of bright Gaussian stars, close pairs still fitted as one made a
+    least-squares profile hold 6 % of the light.
 
     **Returns:** a `Wings`, or `None` when fewer than 10 sources are bright and isolated.
 
