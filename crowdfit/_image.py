@@ -53,6 +53,8 @@ _WINGS_SETTLED = 0.005
 # the defaults' time on dense fields; at 48, 1.2×. Steps of 16 up to 128 serve the default
 # `max_window` of wide PSFs (`default_max_window`, a multiple of 16) without padding.
 _K_BUCKETS = (2, 4, 8, 16)
+# A bucket of fewer regions than this is fitted in a bigger one (`_fill_padding`).
+_FEW_REGIONS = 16
 _SIZE_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
@@ -199,10 +201,13 @@ def _window_means(cum, windows):
 
 
 def _fill_padding(buckets: dict) -> dict:
-    """`{(k, size): region indices}` with the regions of small buckets moved into the padding
-    of a bigger bucket (at least as many members and pixels a side): `fit_regions` pads each
-    call's chunk of regions to full, so where the last chunk has room for a whole smaller bucket
-    that bucket's call is saved (in late passes of a few dozen regions, most of the calls)."""
+    """`{(k, size): region indices}` with the regions of small buckets moved into a bigger
+    bucket (at least as many members and pixels a side). `fit_regions` pads each call's chunk
+    of regions to full, so where the last chunk has room for a whole smaller bucket, that
+    bucket's call is saved (in late passes of a few dozen regions, most of the calls). A bucket
+    of fewer than `_FEW_REGIONS` regions moves even without room, at the cost of a chunk more:
+    its shape would compile a program of its own (4-5 s on a CPU, at a first call) for a
+    handful of regions (the 400-spot demo field compiled 13 programs, 4 of them for 1-8)."""
     keys = sorted(buckets, key=lambda q: (q[0] * q[1] ** 2, q))
     out = {q: list(buckets[q]) for q in keys}
 
@@ -212,8 +217,10 @@ def _fill_padding(buckets: dict) -> dict:
 
     for a in keys:
         hosts = [b for b in keys if b != a and b in out and b[0] >= a[0] and b[1] >= a[1]]
-        hosts = [b for b in hosts if room(b) >= len(out[a])]
-        if hosts:
+        fits = [b for b in hosts if room(b) >= len(out[a])]
+        if fits:
+            out[fits[0]].extend(out.pop(a))
+        elif hosts and len(out[a]) < _FEW_REGIONS:
             out[hosts[0]].extend(out.pop(a))
     return out
 

@@ -409,8 +409,14 @@ def test_small_buckets_ride_in_the_padding_of_bigger_ones():
     assert sorted(out) == [(2, 48), (4, 32), (8, 16)]
     assert sorted(out[(4, 32)]) == [0, 1, 2, *buckets[(4, 32)]]
     assert sorted(sum(out.values(), [])) == sorted(sum(buckets.values(), []))
+    # Without room: a bucket of a few regions still moves (a chunk more rather than a program
+    # of its own); one of `_FEW_REGIONS` or more keeps its own program.
+    few = _image._FEW_REGIONS
     assert _image._fill_padding({(2, 16): [0] * 3, (4, 32): [1] * chunk}) == {
-        (2, 16): [0] * 3,
+        (4, 32): [1] * chunk + [0] * 3,
+    }
+    assert _image._fill_padding({(2, 16): [0] * few, (4, 32): [1] * chunk}) == {
+        (2, 16): [0] * few,
         (4, 32): [1] * chunk,
     }
 
