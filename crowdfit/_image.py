@@ -53,9 +53,9 @@ _WINGS_SETTLED = 0.005
 # the defaults' time on dense fields; at 48, 1.2×. Steps of 16 up to 128 serve the default
 # `max_window` of wide PSFs (`default_max_window`, a multiple of 16) without padding.
 _K_BUCKETS = (2, 4, 8, 16)
+_SIZE_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128)
 # A bucket of fewer regions than this is fitted in a bigger one (`_fill_padding`).
 _FEW_REGIONS = 16
-_SIZE_BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128)
 # A source within this many PSF widths of an added, removed or split one is refitted.
 _REACH = 5.0
 # And one within `_SHIFT_REACH` widths of a source whose light moved in the last fit by more
@@ -850,8 +850,8 @@ def fit_image(
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
       `rounds=1, split=False` is the fast end of the dial: on the crowded-field benchmark
-      (512², 0.02–0.3 stars/FWHM²) 1.7–2.4× faster, Jaccard 0.996–0.789 against the default's
-      1.000–0.897 (`benchmarks/crowded_field.py`).
+      (512², 0.02–0.3 stars/FWHM²) 1.2–1.6× faster, Jaccard 0.996–0.806 against the default's
+      1.000–0.933 (`benchmarks/crowded_field.py`).
     - `spikes`: mask the pixels sharper than any PSF of the image's width can make (hot pixels,
       hot columns, cosmic-ray hits), with a warning that counts them (default; see
       `crowdfit._spikes.find_spikes`). Unmasked, each bright one becomes a false source or adds
@@ -879,7 +879,7 @@ def fit_image(
       `flux` includes it, `meta["wings"]` holds it, `model_image` draws it, σ (if estimated)
       is not measured again, and a warning says so. On Moffat fields of β = 3
       (`benchmarks/psf_shape.py`): 133 stars of S/N 700 at 0.02 stars/FWHM² came out as 133
-      sources (878 without), fluxes -1.8 % (-20 %); at S/N 70 and 0.02-0.05 stars/FWHM²,
+      sources (895 without), fluxes -1.8 % (-20 %); at S/N 70 and 0.02-0.05 stars/FWHM²,
       Jaccard 0.99 (0.95-0.98), fluxes -0.0 to -1.4 % (-20 %). The light beyond 3 FWHM, where
       each star's sky is taken, is not counted (-1 to -4 % for β = 2.5). In crowds of 0.1
       stars/FWHM² and more, few stars are isolated and their outer rings hold their

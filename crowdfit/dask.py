@@ -196,7 +196,7 @@ def fit_image_dask(
         sigma = fit_image_kwargs.get("sigma")
         halo = fit_image_kwargs.get("max_window")
         if halo is None:
-            halo = 48 if sigma is None else default_max_window(float(np.max(sigma)))
+            halo = default_max_window(0.0 if sigma is None else float(np.max(sigma)))
     halo = int(halo)
     if halo < 0:
         raise ValueError(f"halo must be >= 0, got {halo}")
