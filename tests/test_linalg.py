@@ -14,9 +14,7 @@ def _systems(rng, b, p):
 
 
 @pytest.mark.parametrize("chol", [_linalg._cholesky_loop, _linalg._cholesky_library])
-@pytest.mark.parametrize(
-    "solve", [_linalg._cholesky_solve_loop, _linalg._cholesky_solve_library]
-)
+@pytest.mark.parametrize("solve", [_linalg._cholesky_solve_loop, _linalg._cholesky_solve_library])
 def test_both_implementations_solve_batches_and_fail_with_nan(x64, chol, solve):
     rng = np.random.default_rng(0)
     a = _systems(rng, 4, 9)
