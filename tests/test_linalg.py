@@ -32,7 +32,9 @@ def test_both_implementations_solve_batches_and_fail_with_nan(x64, chol, solve):
 def test_the_cpu_takes_the_loops():
     # Lowered for the CPU, the program holds no LAPACK custom call (which hangs XLA's CPU
     # runtime when another program runs beside it; see `masked_inverse`).
-    a = jnp.eye(4) * 2.0
-    text = jax.jit(_linalg.masked_inverse).lower(a, jnp.ones(4)).as_text()
+    cpu = jax.devices("cpu")[0]
+    p = _linalg._LOOP_MAX + 1
+    a, active = (jax.device_put(v, cpu) for v in (jnp.eye(p) * 2.0, jnp.ones(p)))
+    text = jax.jit(_linalg.masked_inverse).lower(a, active).as_text()
     assert "potrf" not in text and "trsm" not in text and "while" in text
-    np.testing.assert_allclose(_linalg.masked_inverse(a, jnp.ones(4)), np.eye(4) / 2)
+    np.testing.assert_allclose(_linalg.masked_inverse(a, active), np.eye(p) / 2)
