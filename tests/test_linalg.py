@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import render
 
-from crowdfit import _linalg
+from crowdfit import _fit, _linalg
 
 
 def _systems(rng, b, p):
@@ -38,3 +39,41 @@ def test_the_cpu_takes_the_loops():
     text = jax.jit(_linalg.masked_inverse).lower(a, active).as_text()
     assert "potrf" not in text and "trsm" not in text and "while" in text
     np.testing.assert_allclose(_linalg.masked_inverse(a, active), np.eye(p) / 2)
+
+
+def test_fits_and_their_gradients_agree_through_either_implementation(x64, monkeypatch):
+    # What a GPU runs (the library calls, for systems of more than `_LOOP_MAX` parameters),
+    # run here on the CPU inside a whole fit and its implicit gradient.
+    import crowdfit
+
+    rng = np.random.default_rng(4)
+    corners = np.array([[3.5, 4.0], [8.0, 3.5], [4.2, 8.5], [9.0, 9.0]])
+    xy = corners[None] + rng.uniform(-0.5, 0.5, (3, 4, 2))  # 3 regions of 4 sources
+    truth = dict(x=xy[..., 0], y=xy[..., 1], flux=np.full((3, 4), 3000.0),
+                 sigma=np.full((3, 4), 1.5), background=np.full(3, 10.0))  # fmt: skip
+    images = render("gaussian", truth, (13, 13)) + rng.normal(0.0, 3.0, (3, 13, 13))
+    init = dict(truth, x=truth["x"] + 0.3, y=truth["y"] - 0.2, flux=np.full((3, 4), 2000.0))
+    kw = dict(psf="gaussian", fixed=("sigma",), tol=1e-10, max_iter=100)
+
+    def run():
+        fit = jax.jit(lambda im: crowdfit.fit_regions(im, init, **kw))
+        grad = jax.grad(lambda im: crowdfit.fit_regions(im, init, **kw).params["flux"].sum())
+        return fit(jnp.asarray(images)), grad(jnp.asarray(images))
+
+    loops, grad_loops = run()
+    lowered = jax.jit(lambda im: crowdfit.fit_regions(im, init, **kw).params).lower(images)
+    assert "potrf" not in lowered.as_text()
+    monkeypatch.setattr(_linalg, "_cholesky_loop", _linalg._cholesky_library)
+    monkeypatch.setattr(_linalg, "_cholesky_solve_loop", _linalg._cholesky_solve_library)
+    _fit._program.cache_clear()  # (its programs hold the loops)
+    try:
+        lowered = jax.jit(lambda im: crowdfit.fit_regions(im, init, **kw).params).lower(images)
+        assert "potrf" in lowered.as_text()
+        library, grad_library = run()
+    finally:
+        _fit._program.cache_clear()  # (no program with LAPACK calls may outlive the test)
+    assert np.all(np.asarray(library.status) == np.asarray(loops.status))
+    for n in ("x", "y", "flux"):
+        np.testing.assert_allclose(library.params[n], loops.params[n], rtol=1e-7)
+        np.testing.assert_allclose(library.errors[n], loops.errors[n], rtol=1e-6)
+    np.testing.assert_allclose(grad_library, grad_loops, rtol=1e-6, atol=1e-9)
