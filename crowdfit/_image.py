@@ -55,7 +55,8 @@ _WINGS_LATE_AGAIN = 8
 # Wings found by the first look on a catalog of this many sources per FWHM² are measured again
 # all sources at once too (`_joint_wings`): Moffat fields of 0.1 stars/FWHM², their fluxes
 # -0.6 and +0.3 % (β = 2.5, 3) against -9 and -7 % by each star's rings (`_measured_wings`);
-# at 0.05, -5 and -4 % against -3 and -1 %.
+# at 0.05, -5 and -4 % against -3 and -1 %. Only such a crowd gets the late look when the
+# first look found none.
 _WINGS_CROWD = 0.07
 # Region shapes: members rounded up to one of `_K_BUCKETS`, the window side to one of
 # `_SIZE_BUCKETS` (past the largest, a multiple of it). Each shape used compiles one program
@@ -672,6 +673,11 @@ def _joint_wings(img, good, cat, bg_map, psf, width, wings, again=_WINGS_AGAIN):
     return (found, bg_map) if _wings_matter(found) else None
 
 
+def _crowding(cat, good, width) -> float:
+    """Sources of `cat` per FWHM² of the unmasked image (`width`: the PSF's σ)."""
+    return np.isfinite(cat["flux"]).sum() * (_FWHM * width) ** 2 / max(int(good.sum()), 1)
+
+
 def _wings_matter(wings):
     """Whether measured wings (`_wings.Wings`) are the PSF's: they add light, at least
     `_WINGS_LIGHT` of the Gaussians', and are far beyond their errors.
@@ -944,8 +950,8 @@ def fit_image(
       two each): fluxes -2.2 to +0.7 % (-17 / -13 / -8.5 % before: the wings too weak, or on
       one field of each pair not found), Jaccard 0.97-0.99; at 0.2, -2.4 to +0.4 % (-19 %,
       none found), Jaccard 0.94-0.96 (0.82). No Gaussian field tried (0.02-0.3 stars/FWHM²,
-      S/N 70 and 700) found any; on them the late look costs one joint measurement (0.1-0.5 s
-      on 256², a loaded 2-core machine).
+      S/N 70 and 700) found any; on them the late look costs one joint measurement (0.2 s
+      on 512² at 0.1-0.3 stars/FWHM², 4-10 % of a call; skipped below 0.07 sources/FWHM²).
     - `progress_bar`: show progress (default: on a terminal).
 
     **Returns:** a `Catalog`, one row per source, ordered by `y`, then `x`.
@@ -1065,8 +1071,7 @@ def fit_image(
             wings = found
             if wings is not None and not jointly:
                 # (found by the first look, in a crowd: measured again all sources at once)
-                crowd = np.isfinite(cat["flux"]).sum() * (_FWHM * width) ** 2 / good.sum()
-                jointly = crowd >= _WINGS_CROWD
+                jointly = _crowding(cat, good, width) >= _WINGS_CROWD
         if estimated and not refined_once and meta["rounds"] >= 1 and wings is None:
             # The first width came from the detections' fits, where a crowd's hidden neighbours
             # and unresolved pairs were one source each; once the first residual search has
@@ -1134,9 +1139,11 @@ def fit_image(
         found = None
         if late_look and (finished or budget == 0):
             # A crowd, whose first look found no wings (few stars isolated): the finished
-            # catalog's residual, all sources at once (`_joint_wings`).
+            # catalog's residual, all sources at once (`_joint_wings`). In sparser fields the
+            # first look sees isolated stars, and this one is skipped (0.3 s on 512²).
             late_look = False
-            found = _joint_wings(img, good, kept, bg_map, psf, width, None, _WINGS_LATE_AGAIN)
+            if _crowding(kept, good, width) >= _WINGS_CROWD:
+                found = _joint_wings(img, good, kept, bg_map, psf, width, None, _WINGS_LATE_AGAIN)
         if found is not None:
             (wings, bg_map), wings_changed, jointly = found, True, True
             budget += _WINGS_LATE_FITS

@@ -18,6 +18,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+import scipy.fft
 
 from ._group import _pairs_within
 
@@ -236,17 +237,20 @@ def measure_wings_jointly(residual, good, x, y, flux, width: float):
     if use.sum() < 100:
         return None
     # Each knot's hat, summed over the sources (by FFT, as `render_wings` draws many).
-    design = np.empty((int(use.sum()), int(free.sum()) + 1))
-    design[:, -1] = 1.0
-    for j, k in enumerate(np.flatnonzero(free)):
-        hat = Wings(knots, np.eye(n_rings)[k], reach, 0.0, np.zeros(n_rings), 0)
-        design[:, j] = render_wings(hat, x, y, flux, (h, w), fft=True)[use]
+    half = int(math.ceil(reach))
+    d = np.arange(-half, half + 1)
+    r = np.hypot(d[None, :], d[:, None])
+    hats = [_profile(Wings(knots, np.eye(n_rings)[k], reach, 0.0, knots, 0), r)
+            for k in np.flatnonzero(free)]  # fmt: skip
+    design = np.ones((int(use.sum()), len(hats) + 1))
+    design[:, :-1] = _convolved(np.stack(hats), x, y, flux, (h, w), np.float32)[:, use].T
     b = residual[use]
     keep = np.ones(b.size, bool)
     for _ in range(3):
         # (by its normal equations: numpy's lstsq of the 40000 × 17 design took 0.14 s)
-        gram = design[keep].T @ design[keep]
-        coef = np.linalg.lstsq(gram, design[keep].T @ b[keep], rcond=None)[0]
+        kept = design[keep]
+        gram = kept.T @ kept
+        coef = np.linalg.lstsq(gram, kept.T @ b[keep], rcond=None)[0]
         fit_res = b - design @ coef
         noise = 1.4826 * float(np.median(np.abs(fit_res[keep])))
         keep = np.abs(fit_res) < _CLIP * noise
@@ -278,11 +282,10 @@ def _profile(wings, r):
     return np.where(r < wings.reach, np.interp(r, wings.knots, wings.values), 0.0)
 
 
-def render_wings(wings: Wings, x, y, flux, shape, fft=None) -> np.ndarray:
+def render_wings(wings: Wings, x, y, flux, shape) -> np.ndarray:
     """`(H, W)` the wings of sources at `x, y` `(N,)` whose Gaussians hold `flux` `(N,)`.
 
-    `shape` `None`: one stamp about the first source, `x, y` at its centre (for sums). `fft`:
-    draw by FFT (True) or stamp by stamp (False); `None`: by FFT from 500 sources on.
+    `shape` `None`: one stamp about the first source, `x, y` at its centre (for sums).
 
     >>> import numpy as np
     >>> w = Wings(np.arange(8.0), np.r_[np.zeros(4), 0.01, 0.01, 0, 0], 8.0, 0.0, np.zeros(8), 1)
@@ -299,7 +302,7 @@ def render_wings(wings: Wings, x, y, flux, shape, fft=None) -> np.ndarray:
     if wings is None or not ok.any():
         return np.zeros(shape)
     x, y, flux = x[ok], y[ok], flux[ok]
-    if not (x.size >= _FFT_SOURCES if fft is None else fft):
+    if x.size < _FFT_SOURCES:
         out = np.zeros(h * w)
         for a in range(0, x.size, _CHUNK):
             b = a + _CHUNK
@@ -313,6 +316,18 @@ def render_wings(wings: Wings, x, y, flux, shape, fft=None) -> np.ndarray:
     # differs from drawing each source at its own position by under 1 % of the wings' mean
     # (rms), at most 4 % of their peak (`test_many_sources_are_drawn_by_fft_like_stamp_by_stamp`).
     half = int(math.ceil(wings.reach))
+    d = np.arange(-half, half + 1)
+    kernel = _profile(wings, np.hypot(d[None, :], d[:, None]))
+    return _convolved(kernel[None], x, y, flux, shape)[0]
+
+
+def _convolved(kernels, x, y, flux, shape, dtype=np.float64) -> np.ndarray:
+    """`(M, H, W)`: the sources' fluxes at `x, y` `(N,)`, each spread bilinearly over the 4
+    pixels about it (on a grid with a margin of the kernels' reach, so sources just outside
+    still shine in), convolved by FFT with each of the `(M, 2r + 1, 2r + 1)` `kernels`, in
+    `dtype` (float32 takes half the time of float64)."""
+    h, w = shape
+    half = kernels.shape[-1] // 2
     hp, wp = h + 2 * half, w + 2 * half
     gx, gy = np.clip(x + half, 0, wp - 1.001), np.clip(y + half, 0, hp - 1.001)
     c0, r0 = np.floor(gx).astype(int), np.floor(gy).astype(int)
@@ -321,8 +336,8 @@ def render_wings(wings: Wings, x, y, flux, shape, fft=None) -> np.ndarray:
     for dr, dc, wt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
                        (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):  # fmt: skip
         grid += np.bincount((r0 + dr) * wp + c0 + dc, flux * wt, hp * wp)
-    d = np.arange(-half, half + 1)
-    kernel = _profile(wings, np.hypot(d[None, :], d[:, None]))
-    size = (hp + 2 * half, wp + 2 * half)
-    out = np.fft.irfft2(np.fft.rfft2(grid.reshape(hp, wp), size) * np.fft.rfft2(kernel, size), size)
-    return out[2 * half : 2 * half + h, 2 * half : 2 * half + w]
+    size = tuple(scipy.fft.next_fast_len(n + 2 * half, real=True) for n in (hp, wp))
+    spectrum = scipy.fft.rfft2(grid.reshape(hp, wp).astype(dtype), size, workers=-1)
+    spectra = scipy.fft.rfft2(kernels.astype(dtype), size, workers=-1)
+    out = scipy.fft.irfft2(spectrum * spectra, size, workers=-1)
+    return out[:, 2 * half : 2 * half + h, 2 * half : 2 * half + w]
