@@ -234,3 +234,45 @@ def test_many_sources_are_drawn_by_fft_like_stamp_by_stamp(monkeypatch):
     assert fft.sum() == pytest.approx(stamps.sum(), rel=2e-3)
     assert np.sqrt(np.mean((fft - stamps) ** 2)) < 0.01 * stamps.mean()
     assert np.abs(fft - stamps).max() < 0.05 * stamps.max()
+
+
+def test_wings_of_a_crowd_are_measured_all_sources_at_once():
+    # 0.15 stars/FWHM²: few stars are isolated and each one's outer rings hold its neighbours'
+    # wings; the wings are measured on the finished catalog's residual, all sources at once.
+    n = int(round(0.15 * 128**2 / FWHM**2))
+    image, truth = crowdfit.simulate_field((128, 128), n, psf=moffat(3.0), flux=2513.0,
+                                           background=5.0, read_noise=5.0, stamp_radius=60,
+                                           seed=2)  # fmt: skip
+    with pytest.warns(UserWarning, match="the PSF is not Gaussian"):
+        cat = crowdfit.fit_image(image, progress_bar=False)
+    assert 0.1 < cat.meta["wings"].light < 0.35
+    m = crowdfit.match(truth, cat, radius=1.0)
+    assert abs(m.flux_bias_median) < 0.05
+    alone = crowdfit.match(truth, crowdfit.fit_image(image, psf_wings=False, progress_bar=False),
+                           radius=1.0)  # fmt: skip
+    assert alone.flux_bias_median < -0.1 and m.jaccard > alone.jaccard
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3])
+def test_gaussian_crowd_has_no_wings(density):
+    n = int(round(density * 128**2 / FWHM**2))
+    image, _ = crowdfit.simulate_field((128, 128), n, sigma=2.0, flux=2513.0, background=5.0,
+                                       read_noise=5.0, seed=4)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no wings: no warning)
+        cat = crowdfit.fit_image(image, progress_bar=False)
+    assert cat.meta["wings"] is None
+    alone = crowdfit.fit_image(image, psf_wings=False, progress_bar=False)
+    assert np.array_equal(np.asarray(cat["flux"]), np.asarray(alone["flux"]))
+
+
+def test_joint_measurement_of_noise_gives_no_wings():
+    from crowdfit._wings import measure_wings_jointly
+
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(0, 128, 80), rng.uniform(0, 128, 80)
+    residual = rng.normal(0.0, 5.0, (128, 128))
+    w = measure_wings_jointly(residual, np.ones((128, 128), bool), x, y, np.full(80, 2513.0), 2.0)
+    assert abs(w.light) < 0.02 and not _wings_matter(w)
+    assert measure_wings_jointly(residual, np.ones((128, 128), bool), x[:9], y[:9],
+                                 np.full(9, 2513.0), 2.0) is None  # fmt: skip
