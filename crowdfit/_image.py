@@ -909,7 +909,7 @@ def fit_image(
     - `split`: test sources for unresolved pairs and close pairs by likelihood ratio (default);
       `False` judges every source by `flux / flux_err` alone (faster; close pairs merge).
       `rounds=1, split=False` is the fast end of the dial: on the crowded-field benchmark
-      (512², 0.02–0.3 stars/FWHM²) 1.2–1.6× faster, Jaccard 0.996–0.806 against the default's
+      (512², 0.02–0.3 stars/FWHM²) 1.4–1.8× faster, Jaccard 0.996–0.806 against the default's
       1.000–0.933 (`benchmarks/crowded_field.py`).
     - `spikes`: mask the pixels sharper than any PSF of the image's width can make (hot pixels,
       hot columns, cosmic-ray hits), with a warning that counts them (default; see
