@@ -246,11 +246,8 @@ def test_wings_of_a_crowd_are_measured_all_sources_at_once():
     with pytest.warns(UserWarning, match="the PSF is not Gaussian"):
         cat = crowdfit.fit_image(image, progress_bar=False)
     assert 0.1 < cat.meta["wings"].light < 0.35
-    m = crowdfit.match(truth, cat, radius=1.0)
-    assert abs(m.flux_bias_median) < 0.05
-    alone = crowdfit.match(truth, crowdfit.fit_image(image, psf_wings=False, progress_bar=False),
-                           radius=1.0)  # fmt: skip
-    assert alone.flux_bias_median < -0.1 and m.jaccard > alone.jaccard
+    m = crowdfit.match(truth, cat, radius=1.0)  # (Gaussians alone: -20.6 %, Jaccard 0.854)
+    assert abs(m.flux_bias_median) < 0.05 and m.jaccard > 0.95
 
 
 @pytest.mark.parametrize("density", [0.1, 0.3])
