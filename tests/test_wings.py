@@ -226,10 +226,10 @@ def test_many_sources_are_drawn_by_fft_like_stamp_by_stamp(monkeypatch):
     knots = np.arange(19) + 0.5
     wings = Wings(knots, 1e-3 * np.exp(-knots / 4), 19.0, 0.1, np.zeros(19), 10)
     rng = np.random.default_rng(0)
-    n = 600  # (above `_FFT_SOURCES`), some just outside the image
+    n = 600  # (their stamps cover the image: by FFT), some just outside the image
     x, y, flux = rng.uniform(-5, 100, n), rng.uniform(-5, 80, n), rng.uniform(1e3, 5e3, n)
     fft = render_wings(wings, x, y, flux, (76, 96))
-    monkeypatch.setattr(_wings, "_FFT_SOURCES", 10**9)
+    monkeypatch.setattr(_wings, "_FFT_COVER", np.inf)
     stamps = render_wings(wings, x, y, flux, (76, 96))
     assert fft.sum() == pytest.approx(stamps.sum(), rel=2e-3)
     assert np.sqrt(np.mean((fft - stamps) ** 2)) < 0.01 * stamps.mean()
