@@ -1140,7 +1140,7 @@ def fit_image(
         if late_look and (finished or budget == 0):
             # A crowd, whose first look found no wings (few stars isolated): the finished
             # catalog's residual, all sources at once (`_joint_wings`). In sparser fields the
-            # first look sees isolated stars, and this one is skipped (0.3 s on 512²).
+            # first look sees isolated stars, and this one is skipped (0.2 s on 512²).
             late_look = False
             if _crowding(kept, good, width) >= _WINGS_CROWD:
                 found = _joint_wings(img, good, kept, bg_map, psf, width, None, _WINGS_LATE_AGAIN)

@@ -52,9 +52,15 @@ def cholesky(a):
     On the CPU a loop over the columns, not straight-line code: unrolled, a 7 × 7 system (two
     sources) took 1.5 s longer to compile and ran no faster. Elsewhere the library's.
     """
-    if a.shape[-1] <= _LOOP_MAX:
-        return _cholesky_loop(a)
-    return jax.lax.platform_dependent(a, cpu=_cholesky_loop, default=_cholesky_library)
+    return _per_platform(_cholesky_loop, _cholesky_library, a)
+
+
+def _per_platform(loop, library, *args):
+    """`loop(*args)` on the CPU and for systems of at most `_LOOP_MAX` parameters, else
+    `library(*args)`, chosen when the program is lowered for its platform."""
+    if args[0].shape[-1] <= _LOOP_MAX:
+        return loop(*args)
+    return jax.lax.platform_dependent(*args, cpu=loop, default=library)
 
 
 def _cholesky_library(a):
@@ -105,11 +111,7 @@ def cholesky_solve(low, b):
     """Solve `(low low.T) x = b` for `b` `(P,)` or `(P, M)` (loops on the CPU, else the
     library's triangular solves)."""
     b = jnp.asarray(b, low.dtype)
-    if low.shape[-1] <= _LOOP_MAX:
-        return _cholesky_solve_loop(low, b)
-    return jax.lax.platform_dependent(
-        low, b, cpu=_cholesky_solve_loop, default=_cholesky_solve_library
-    )
+    return _per_platform(_cholesky_solve_loop, _cholesky_solve_library, low, b)
 
 
 def _masked(h, active):

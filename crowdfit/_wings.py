@@ -6,7 +6,7 @@ fit leaves in the residual, where it is taken for faint neighbours, and out of t
 Two measurements: `measure_wings`, each bright isolated star's rings (its sky in its outer
 rings), the median over the stars, for fields where stars are apart; `measure_wings_jointly`,
 one least-squares fit of the profile to every source at once, on the pixels away from every
-source's core, for crowds (from 0.1 stars/FWHM², where few stars are isolated and their outer
+source's core, for crowds (from 0.07 sources/FWHM², where few stars are isolated and their outer
 rings hold their neighbours' wings: Moffat fluxes went from -8 to -20 % to within -2.4 to
 +0.7 % at 0.1-0.2 stars/FWHM²; Gaussian crowds of 0.02-0.3 measured -0.01 to +0.01 of the light,
 far below the 2 % that counts).
@@ -210,7 +210,8 @@ def measure_wings_jointly(residual, good, x, y, flux, width: float):
     the noise. The profile is 0 within 1 FWHM less half a ring, and the light it measures there
     is left to the Gaussians; its part along the Gaussian is taken out as in `measure_wings`.
     Biased low where the smooth background took up the wings' diffuse light (it is fitted with
-    the Gaussians alone): a first look, to be measured again (`measure_wings`, `previous`).
+    the Gaussians alone): `fit_image` measures them again on a background estimated with them
+    (`_image._joint_wings`).
 
     **Returns:** a `Wings` (`n_stars` the number of sources), or `None` when fewer than 10
     sources or 100 such pixels.
@@ -242,7 +243,8 @@ def measure_wings_jointly(residual, good, x, y, flux, width: float):
     half = int(math.ceil(reach))
     d = np.arange(-half, half + 1)
     r = np.hypot(d[None, :], d[:, None])
-    hats = [_profile(Wings(knots, np.eye(n_rings)[k], reach, 0.0, knots, 0), r)
+    none = np.zeros(n_rings)
+    hats = [_profile(Wings(knots, np.eye(n_rings)[k], reach, 0.0, none, 0), r)
             for k in np.flatnonzero(free)]  # fmt: skip
     design = np.ones((int(use.sum()), len(hats) + 1))
     design[:, :-1] = _convolved(np.stack(hats), x, y, flux, (h, w), np.float32)[:, use].T
