@@ -148,6 +148,11 @@ def model_image(catalog, shape, *, psf=None, background=None):
     meta = getattr(catalog, "meta", {})
     psf = get_psf(psf or meta.get("psf", "gaussian"))
     h, w = int(shape[0]), int(shape[1])
+    have = getattr(catalog, "columns", catalog)
+    missing = [c for c in ("x", "y", "flux", "sigma_x", "sigma_y") if c not in have]
+    if missing:
+        raise ValueError(f"the catalog has no {missing} column(s): model_image needs x, y, flux, "
+                         "sigma_x and sigma_y")  # fmt: skip
     x = np.asarray(catalog["x"], float)
     out = np.zeros((h, w))
     if x.size:

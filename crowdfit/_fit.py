@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -348,6 +349,27 @@ def _separable_regions(psf, noise_model, mask, weights):
     return np.asarray(xp.all(m == rect, axis=(1, 2)) & ((lo == hi) | (lo == xp.inf)))
 
 
+def _check_values(params, valid):
+    """Host-prepared starting values, in the real sources' slots: a width must be positive (else
+    `ValueError`); a region that starts from a non-finite value ends as `Status.NOT_FINITE`,
+    without spoiling its batch, and a warning counts such regions (traced values, under `jit`,
+    cannot be checked or warned about)."""
+    bad = np.zeros(valid.shape[0], bool)
+    for n, a in params.items():
+        if n == "background":
+            bad |= ~np.all(np.isfinite(a), axis=1)
+            continue
+        bad |= ~np.all(np.isfinite(a) | ~valid, axis=1)
+        if n in ("sigma", "sigma_x", "sigma_y") and np.any(valid & ~(a > 0) & np.isfinite(a)):
+            raise ValueError(f"init[{n!r}] must be > 0, got {a[valid & np.isfinite(a)].min():g}")
+    if bad.any():
+        warnings.warn(
+            f"{bad.sum()} region(s) start from non-finite values (NaN or inf in init): they are "
+            "not fitted, and end with status NOT_FINITE",
+            stacklevel=3,
+        )
+
+
 def _source_mask(a, default, b, k, name, xp):
     if a is None:
         return xp.full((b, k), default, bool)
@@ -457,6 +479,11 @@ def fit_regions(
         raise ValueError(f"solver must be 'lm' or an optax optimizer, got {solver!r}")
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    if not tol >= 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    for name, v in (("chunk_size", chunk_size), ("max_batch", max_batch)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} must be at least 1 (or None), got {v}")
 
     # Concrete inputs are prepared on the host (numpy; see `_host_prepared`): jax would compile
     # small programs for every new batch size. Traced ones (under jit, grad or vmap) and jax
@@ -516,6 +543,8 @@ def fit_regions(
 
     valid = _source_mask(valid, True, b, k, "valid", xp)
     held = _source_mask(held, False, b, k, "held", xp)
+    if host:
+        _check_values(params, valid)
 
     if mask is None:
         if _is_concrete(images):
@@ -549,6 +578,8 @@ def fit_regions(
                 f"weights has shape {weights.shape}, expected the images' {images.shape}"
             ) from None
         weights = xp.where(mask, weights, 0.0).astype(dtype)
+        if _is_concrete(weights) and not np.all(np.asarray(weights) >= 0):
+            raise ValueError("weights must be finite and >= 0 where the mask counts a pixel")
 
     default_chunk, default_max = _default_sizes(k * h * w, b)
     max_batch = int(max_batch or max(default_max, chunk_size or 0))

@@ -141,6 +141,9 @@ def wings_message(light: float) -> str:
     )
 
 
+ALL_MASKED = "every pixel is masked: no sources can be measured"
+
+
 def _warn(message: str) -> None:
     if not getattr(_QUIET, "on", False):
         warnings.warn(message, stacklevel=4)  # the caller of fit_image
@@ -766,13 +769,18 @@ def _first_detections(img, good, *, sigma, threshold, spikes, saturation, offset
     Updates `meta`.
 
     **Returns:** `(good, noise_level, background_map, detections, sigma, free_shape,
-    saturated_stars)`, or `None` when `sigma` is to be estimated and nothing was detected.
+    saturated_stars)`, or `None` when every valid pixel holds one value, or `sigma` is to be
+    estimated and nothing was detected.
     """
     fill = find_fill(img, good)
     if fill.any():
         meta["n_fill"] = int(fill.sum())
         _warn(fill_message(meta["n_fill"]))
         good = good & ~fill
+    values = img[good]
+    if values.min() == values.max():  # (no noise to measure, nothing to find)
+        _warn(f"every valid pixel holds {values[0]:g}: a blank frame, no sources")
+        return None
     noise_level = estimate_noise(img, good)
     if saturation is None:
         level = saturation_level(img, good, noise_level, offset)
@@ -972,6 +980,13 @@ def fit_image(
         s = np.asarray(sigma, float)
         if s.size not in (1, 2) or not np.all(np.isfinite(s)) or np.any(s <= 0):
             raise ValueError(f"sigma must be a positive number or (sigma_x, sigma_y), got {sigma}")
+        sigma = float(s.ravel()[0]) if s.size == 1 else sigma  # ([2.0] is 2.0)
+    if threshold is not None and not (np.ndim(threshold) == 0 and 0 < threshold < np.inf):
+        raise ValueError(f"threshold must be a positive number (of noise σ), got {threshold}")
+    if not (np.ndim(min_snr) == 0 and min_snr >= 0):
+        raise ValueError(f"min_snr must be a number >= 0, got {min_snr}")
+    if not (np.ndim(offset) == 0 and np.isfinite(offset)):
+        raise ValueError(f"offset must be a finite number, got {offset}")
     if background not in ("constant", "plane"):
         raise ValueError(f"unknown background {background!r}: expected 'constant' or 'plane'")
     if noise not in ("gaussian", "poisson"):
@@ -990,15 +1005,15 @@ def fit_image(
                 region_fits=0, spikes=np.zeros((0, 2), int), saturation=None,
                 n_saturated=0, n_fill=0)  # fmt: skip
     if not good.any():
-        warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
+        warnings.warn(ALL_MASKED, stacklevel=2)
         return Catalog(empty_columns(), {**meta, "sigma": sigma})
 
     first = _first_detections(
         img, good, sigma=sigma, threshold=threshold, spikes=spikes, saturation=saturation,
         offset=offset, meta=meta, noise=noise,
     )  # fmt: skip
-    if first is None:  # nothing detected to estimate the PSF width from
-        return Catalog(empty_columns(), {**meta, "sigma": None})
+    if first is None:  # nothing detected to estimate the PSF width from, or nothing left
+        return Catalog(empty_columns(), {**meta, "sigma": sigma})
     good, noise_level, bg_map, det, sigma, free_shape, stars = first
     estimated = free_shape
     det_kw = dict(mask=good, threshold=threshold, noise=noise_level)

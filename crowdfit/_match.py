@@ -187,7 +187,10 @@ def _columns(catalog, name: str):
     try:
         x, y = catalog["x"], catalog["y"]
     except (KeyError, IndexError, TypeError, ValueError):
-        array = np.asarray(catalog, dtype=float)
+        try:
+            array = np.asarray(catalog, dtype=float)
+        except (TypeError, ValueError):  # (a dict without "y", say)
+            array = np.zeros(0)
         if array.ndim != 2 or array.shape[1] != 2:
             raise ValueError(
                 f"{name} must give {name}['x'] and {name}['y'], or be an (n, 2) array of (x, y)"

@@ -14,7 +14,14 @@ from . import _image
 from ._catalog import Catalog, empty_columns
 from ._fill import find_fill
 from ._group import default_max_window
-from ._image import fill_message, fit_image, saturation_message, spike_message, wings_message
+from ._image import (
+    ALL_MASKED,
+    fill_message,
+    fit_image,
+    saturation_message,
+    spike_message,
+    wings_message,
+)
 from ._movie import (
     Traces,
     assemble,
@@ -243,7 +250,7 @@ def fit_image_dask(
     if len(parts) == 1:
         p = parts[0]
         if not p["meta"]:
-            warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
+            warnings.warn(ALL_MASKED, stacklevel=2)
         return Catalog(p["data"], {**(p["meta"] or _empty_meta(fit_image_kwargs, shape)), **masked})
     data, groups = [], 0
     for p in parts:
@@ -265,7 +272,7 @@ def fit_image_dask(
             n_regions=sum(m["n_regions"] for m in metas),
         )
     else:
-        warnings.warn("every pixel is masked: no sources can be measured", stacklevel=2)
+        warnings.warn(ALL_MASKED, stacklevel=2)
     meta.update(tiles=len(parts), tile=(th, tw), halo=halo, **masked)
     return Catalog(columns, meta)
 

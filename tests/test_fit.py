@@ -285,7 +285,8 @@ def test_failed_region_does_not_spoil_batch():
     img, init, _ = _small_problem(rng)
     init = {k: v.copy() for k, v in init.items()}
     init["flux"][0] = np.inf  # region 0 cannot even start
-    res = crowdfit.fit_regions(img, init, fixed=("sigma",))
+    with pytest.warns(UserWarning, match="1 region"):
+        res = crowdfit.fit_regions(img, init, fixed=("sigma",))
     status = np.asarray(res.status)
     assert status[0] == crowdfit.Status.NOT_FINITE
     assert np.all(status[1:] == crowdfit.Status.CONVERGED)
@@ -477,6 +478,19 @@ def test_bad_input_errors():
         crowdfit.fit_regions(img, init, background="plane")
     with pytest.raises(ValueError, match="nothing to fit"):
         crowdfit.fit_regions(img, init, fixed=("x", "y", "flux", "sigma", "background"))
+    nan_x = init["x"].copy()
+    nan_x[0, 0] = np.nan
+    valid = np.ones(nan_x.shape, bool)
+    valid[0, 0] = False  # (a padding slot may hold anything: no warning, which would fail here)
+    crowdfit.fit_regions(img, {**init, "x": nan_x}, valid=valid, max_iter=1)
+    with pytest.raises(ValueError, match=r"init\['sigma'\] must be > 0"):
+        crowdfit.fit_regions(img, {**init, "sigma": -init["sigma"]})
+    with pytest.raises(ValueError, match="tol must be"):
+        crowdfit.fit_regions(img, init, tol=-1.0)
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        crowdfit.fit_regions(img, init, chunk_size=0)
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        crowdfit.fit_regions(img, init, weights=-np.ones(img.shape))
 
 
 def test_only_the_background_free():

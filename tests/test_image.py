@@ -248,6 +248,19 @@ def test_empty_image_gives_empty_catalog():
     assert "flux" in cat.columns
 
 
+@pytest.mark.parametrize("image", [np.zeros((32, 32)), np.full((1, 64), 7.0)])
+def test_blank_frame_gives_empty_catalog_with_a_warning(image):
+    # (this raised "not enough valid pixels to estimate the noise")
+    with pytest.warns(UserWarning, match="a blank frame, no sources"):
+        cat = crowdfit.fit_image(image)
+    assert len(cat) == 0 and cat.meta["sigma"] is None
+
+
+def test_sigma_as_a_one_element_sequence():
+    image, _ = crowdfit.simulate_field((32, 32), 2, seed=0)
+    assert len(crowdfit.fit_image(image, sigma=[2.0])) == len(crowdfit.fit_image(image, sigma=2.0))
+
+
 def test_border_spot_is_fitted():
     image, truth = crowdfit.simulate_field((40, 40), 1, positions=np.array([[0.6, 20.3]]), seed=3)
     cat = crowdfit.fit_image(image, sigma=2.0)
@@ -274,6 +287,10 @@ def test_wide_psf_regions_scale_with_sigma():
         ({"sigma": -1.0}, np.zeros((16, 16)), "positive"),
         ({"psf": "moffat"}, np.zeros((16, 16)), "unknown psf"),
         ({"noise": "cauchy"}, np.zeros((16, 16)), "unknown noise"),
+        ({"threshold": np.nan}, np.zeros((16, 16)), "threshold must be a positive"),
+        ({"threshold": -1.0}, np.zeros((16, 16)), "threshold must be a positive"),
+        ({"min_snr": np.nan}, np.zeros((16, 16)), "min_snr must be"),
+        ({"offset": np.nan}, np.zeros((16, 16)), "offset must be a finite"),
     ],
 )
 def test_bad_input(kwargs, image, message):

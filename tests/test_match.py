@@ -184,6 +184,8 @@ def test_bad_inputs():
         match({"x": [0.0], "y": [0.0], "flux": [1.0, 2.0]}, _cat([[0, 0]]))
     with pytest.raises(ValueError, match=r"\(n, 2\)"):
         match(np.zeros((3, 3)), _cat([[0, 0]]))
+    with pytest.raises(ValueError, match=r"truth\['y'\]"):  # (was a TypeError)
+        match({"x": [0.0]}, _cat([[0, 0]]))
 
 
 def test_result_is_frozen_and_readable():

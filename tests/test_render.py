@@ -78,3 +78,8 @@ def test_windows_drawn_in_numpy_match_the_psf_drawn_by_jax(name):
     jax_drawn = _render.render_windows(as_jax, params, size)
     assert numpy_drawn.shape == (b, size, size)
     np.testing.assert_allclose(numpy_drawn, jax_drawn, rtol=1e-4, atol=1e-4 * params["flux"].max())
+
+
+def test_model_image_names_the_missing_columns():
+    with pytest.raises(ValueError, match=r"no \['flux', 'sigma_x', 'sigma_y'\] column"):
+        crowdfit.model_image({"x": [1.0], "y": [2.0]}, (16, 16))
