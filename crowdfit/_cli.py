@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import numpy as np
+
 __all__ = ["main"]
+
+
+def _check_out(path: str) -> None:
+    """Before a long fit: the output is a CSV file in a folder that exists."""
+    if os.path.splitext(path)[1].lower() not in (".csv", ".txt"):
+        raise ValueError(f"--out {path}: the output is written as CSV; name a .csv file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--out {path}: no such folder: {folder}")
+
+
+def _mask(path, shape):
+    """The `--mask` file's pixels, True (nonzero) where a pixel counts, or None."""
+    if path is None:
+        return None
+    from ._io import read_image
+
+    mask = np.asarray(read_image(path, mmap=False)) != 0
+    if mask.shape != tuple(shape):
+        raise ValueError(f"--mask {path} has shape {mask.shape}, the image {tuple(shape)}")
+    return mask
+
+
+def _width(sigma) -> str:
+    if sigma is None:
+        return "none"
+    return ", ".join(f"{float(v):.3f}" for v in np.atleast_1d(sigma))
 
 
 def _fit(args) -> int:
     from ._image import fit_image
     from ._io import read_image
 
+    out = args.out or "catalog.csv"
+    _check_out(out)
     image = read_image(args.image, mmap=False)
     if image.ndim == 3 and image.shape[-1] not in (3, 4):
         print(
@@ -22,14 +54,13 @@ def _fit(args) -> int:
         image = image[0]
     cat = fit_image(
         image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
-        threshold=args.threshold, offset=args.offset, split=not args.no_split,
+        mask=_mask(args.mask, image.shape), threshold=args.threshold, offset=args.offset,
+        min_snr=args.min_snr, rounds=args.rounds, split=not args.no_split,
         spikes=not args.keep_spikes, saturation=args.saturation, psf_error=args.psf_error,
         psf_wings=not args.no_wings, progress_bar=not args.quiet,
     )  # fmt: skip
-    out = args.out or "catalog.csv"
     cat.to_csv(out)
-    s = cat.meta.get("sigma")
-    print(f"{len(cat)} sources (sigma {s}) written to {out}")
+    print(f"{len(cat)} sources (sigma {_width(cat.meta.get('sigma'))}) written to {out}")
     return 0
 
 
@@ -41,14 +72,17 @@ def _traces(args) -> int:
     from ._io import read_image
     from ._movie import fit_movie
 
+    _check_out(args.out)
     frames = read_image(args.movie)
     traces = fit_movie(
         frames, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
-        projection=args.projection, drift=args.drift, threshold=args.threshold,
-        offset=args.offset, spikes=not args.keep_spikes, progress_bar=not args.quiet,
+        projection=args.projection, drift=args.drift,
+        mask=_mask(args.mask, np.shape(frames)[1:]), threshold=args.threshold,
+        offset=args.offset, min_snr=args.min_snr, spikes=not args.keep_spikes,
+        progress_bar=not args.quiet,
     )  # fmt: skip
     traces.to_csv(args.out)
-    s = traces.catalog.meta.get("sigma")
+    s = _width(traces.catalog.meta.get("sigma"))
     print(f"{len(traces)} spots x {traces.n_frames} frames (sigma {s}) written to {args.out}")
     return 0
 
@@ -58,6 +92,17 @@ def _demo(args) -> int:
 
     run_demo(quick=args.quick, out=args.out, seed=args.seed)
     return 0
+
+
+def _common(parser) -> None:
+    """Options `fit` and `traces` share besides the PSF's, noise's and background's."""
+    parser.add_argument(
+        "--mask", default=None,
+        help="image file of the same shape: nonzero where a pixel counts (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-snr", type=float, default=5.0, help="least flux / flux_err kept (default 5)"
+    )
 
 
 def main(argv=None) -> int:
@@ -94,6 +139,10 @@ def main(argv=None) -> int:
         "--no-wings", action="store_true",
         help="fit Gaussians alone (default: measure the PSF's wings where the image shows them)",
     )  # fmt: skip
+    _common(fit)
+    fit.add_argument(
+        "--rounds", type=int, default=3, help="rounds of residual search and refit (default 3)"
+    )
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
@@ -114,6 +163,7 @@ def main(argv=None) -> int:
     traces.add_argument(
         "--keep-spikes", action="store_true", help="do not mask hot pixels of the projection"
     )
+    _common(traces)
     traces.add_argument("--out", default="traces.csv", help="output CSV (long format)")
     traces.add_argument("--quiet", action="store_true", help="no progress bar")
     traces.set_defaults(func=_traces)

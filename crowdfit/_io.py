@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -14,14 +15,17 @@ def read_image(path, *, mmap: bool = True) -> np.ndarray:
     file allows) or any format scikit-image reads (PNG, JPEG...).
 
     **Returns:** the array as stored: `(H, W)` for an image, `(T, H, W)` for a stack. Colour
-    images `(H, W, 3|4)` are converted to grey.
+    images `(H, W, 3|4)` are converted to grey (luminance, scaled to 0-1), with a warning.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
-        return np.load(path, mmap_mode="r" if mmap else None)
+        try:
+            return np.load(path, mmap_mode="r" if mmap else None)
+        except (ValueError, OSError) as e:  # (not a NumPy array file: numpy speaks of pickles)
+            raise ValueError(f"{path} is not a NumPy .npy array file ({e})") from None
     if ext in (".tif", ".tiff"):
         try:
             import tifffile
@@ -40,5 +44,10 @@ def read_image(path, *, mmap: bool = True) -> np.ndarray:
     if img.ndim == 3 and img.shape[-1] in (3, 4) and ext not in (".tif", ".tiff"):
         import skimage.color
 
+        warnings.warn(
+            f"{path} is a colour image: converted to grey (luminance, scaled to 0-1); fluxes "
+            "are in those units",
+            stacklevel=2,
+        )
         img = skimage.color.rgb2gray(img[..., :3])
     return img

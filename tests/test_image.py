@@ -314,7 +314,23 @@ def test_cli_fit(tmp_path, seed_field, capsys):
     args = ["--sigma", "2", "--saturation", "inf", "--keep-spikes", "--psf-error", "0"]
     args += ["--out", str(out), "--quiet"]
     assert cli_main(["fit", str(path), *args]) == 0
+    assert "50 sources (sigma 2.000)" in capsys.readouterr().out
+    # A mask file (nonzero: the pixel counts) and the least S/N kept.
+    np.save(tmp_path / "mask.npy", np.ones(image.shape, np.uint8))
+    args = ["--sigma", "2", "--mask", str(tmp_path / "mask.npy"), "--min-snr", "5", "--quiet"]
+    assert cli_main(["fit", str(path), *args, "--out", str(out)]) == 0
     assert "50 sources" in capsys.readouterr().out
+    np.save(tmp_path / "small.npy", np.ones((8, 8)))
+    assert cli_main(["fit", str(path), "--mask", str(tmp_path / "small.npy")]) == 2
+    assert "has shape (8, 8), the image (200, 400)" in capsys.readouterr().err
+    # Checked before the fit: a catalog is CSV, in a folder that exists.
+    assert cli_main(["fit", str(path), "--out", str(tmp_path / "cat.fits")]) == 2
+    assert "name a .csv file" in capsys.readouterr().err
+    assert cli_main(["fit", str(path), "--out", str(tmp_path / "no" / "cat.csv")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "junk.npy").write_text("junk")
+    assert cli_main(["fit", str(tmp_path / "junk.npy")]) == 2
+    assert "not a NumPy .npy array file" in capsys.readouterr().err
 
 
 def test_width_estimate_ignores_the_blends_tail():
@@ -500,3 +516,14 @@ def test_light_change_is_the_norm_of_the_moved_light_over_the_noise():
     np.testing.assert_allclose(got, want, rtol=0.05)
     # (an image without noise has no scale for a change: nothing is propagated)
     np.testing.assert_array_equal(_image._light_change(src, fit, 2.0, 0.0), [0.0, 0.0])
+
+
+def test_colour_image_is_read_as_grey_with_a_warning(tmp_path):
+    import skimage.io
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    rgb[4, 5] = (255, 255, 255)
+    skimage.io.imsave(tmp_path / "rgb.png", rgb, check_contrast=False)
+    with pytest.warns(UserWarning, match="colour image: converted to grey"):
+        grey = crowdfit.read_image(tmp_path / "rgb.png")
+    assert grey.shape == (16, 16) and grey[4, 5] == pytest.approx(1.0) and grey.sum() == grey[4, 5]
