@@ -12,6 +12,7 @@ import numpy as np
 
 from . import _image
 from ._catalog import Catalog, empty_columns
+from ._elongation import elongation_message
 from ._fill import find_fill
 from ._group import default_max_window
 from ._image import (
@@ -247,6 +248,14 @@ def fit_image_dask(
     masked["wings"] = max(wings, key=lambda w: w.n_stars) if wings else None
     if wings:
         warnings.warn(wings_message(masked["wings"].light), stacklevel=2)
+    # (and the spots' shape, as measured on the most spots)
+    shapes = [p["meta"]["elongation"] for p in parts if p["meta"].get("elongation")]
+    masked["elongation"] = max(shapes, key=lambda e: e["n"]) if shapes else None
+    message = shapes and elongation_message(
+        **masked["elongation"], psf_params=get_psf(fit_image_kwargs.get("psf", "gaussian")).params
+    )
+    if message:
+        warnings.warn(message, stacklevel=2)
     if len(parts) == 1:
         p = parts[0]
         if not p["meta"]:

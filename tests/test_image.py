@@ -346,15 +346,19 @@ def test_width_estimate_ignores_the_blends_tail():
     assert abs(_core_median(clean) - np.median(clean)) < 0.01
 
 
-def test_width_estimate_in_a_field_of_faint_stars():
+@pytest.mark.parametrize(
+    "flux, seed, rel, recall", [(600.0, 4, 0.01, 0.9), (400.0, 5, 0.015, 0.85)]
+)
+def test_width_estimate_in_a_field_of_faint_stars(flux, seed, rel, recall):
     # S/N 17 a star: none is above S/N 20 in the first fit, where the few that come close are
-    # blends; their widths gave sigma = 2.16 and fluxes 11 % high.
-    image, truth = crowdfit.simulate_field((256, 256), 150, sigma=2.0, flux=600.0, seed=4)
+    # blends; their widths gave sigma = 2.16 and fluxes 11 % high. S/N 11: in the first fit
+    # (widths free) the few above S/N 10 are blends too; they gave sigma = 2.12, fluxes +7.5 %.
+    image, truth = crowdfit.simulate_field((256, 256), 150, sigma=2.0, flux=flux, seed=seed)
     cat = crowdfit.fit_image(image)
-    assert cat.meta["sigma"] == pytest.approx(2.0, rel=0.01)
+    assert cat.meta["sigma"] == pytest.approx(2.0, rel=rel)
     m = crowdfit.match(truth, cat, radius=1.0)
     assert abs(m.flux_bias_median) < 0.03
-    assert m.recall > 0.9
+    assert m.recall > recall
 
 
 def test_width_estimate_in_a_crowd_is_measured_again_on_the_catalog():
