@@ -832,7 +832,8 @@ def _first_detections(
     width = float(np.sqrt(np.prod(sigma)))
     shape = axis_ratio(img, det["x"], det["y"], width, background=bg_map, noise=noise_level,
                        mask=good)  # fmt: skip
-    meta["elongation"] = dict(zip(("ratio", "angle", "n", "z"), shape, strict=True))
+    if shape[2]:  # (None: no spot to measure)
+        meta["elongation"] = dict(zip(("ratio", "angle", "n", "z"), shape, strict=True))
     message = elongation_message(*shape, psf.params)
     if message:
         _warn(message)

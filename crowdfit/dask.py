@@ -249,7 +249,7 @@ def fit_image_dask(
     if wings:
         warnings.warn(wings_message(masked["wings"].light), stacklevel=2)
     # (and the spots' shape, as measured on the most spots)
-    shapes = [p["meta"]["elongation"] for p in parts if p["meta"].get("elongation")]
+    shapes = [p["meta"]["elongation"] for p in parts if p["meta"].get("elongation") is not None]
     masked["elongation"] = max(shapes, key=lambda e: e["n"]) if shapes else None
     message = shapes and elongation_message(
         **masked["elongation"], psf_params=get_psf(fit_image_kwargs.get("psf", "gaussian")).params

@@ -132,3 +132,13 @@ def test_distributed_cluster(movie, traces, client):
     np.testing.assert_array_equal(got.flux_err, traces.flux_err[:, :128])
     workers = client.run(lambda: __import__("jax").default_backend())
     assert len(workers) == 2
+
+
+def test_fit_image_dask_warns_once_of_elongated_spots():
+    image, _ = crowdfit.simulate_field(
+        (128, 128), 24, psf="elliptical_gaussian", sigma_x=1.6, sigma_y=2.6, flux=2613.0, seed=2
+    )
+    with pytest.warns(UserWarning) as record:
+        got = cdask.fit_image_dask(image, tile=64, halo=24, sigma=2.0, rounds=0)
+    assert sum("the spots are elongated" in str(w.message) for w in record) == 1
+    assert got.meta["elongation"]["ratio"] > 1.4
