@@ -865,11 +865,11 @@ def _first_detections(
         det = detect(img, guess, background=bg_map, **det_kw)
     stars = seed_holes(img, good, bg_map, noise_level, sigma)
     width = float(np.sqrt(np.prod(sigma)))
-    shape = axis_ratio(img, det["x"], det["y"], width, background=bg_map, noise=noise_level,
+    spots = axis_ratio(img, det["x"], det["y"], width, background=bg_map, noise=noise_level,
                        mask=good)  # fmt: skip
-    if shape[2]:  # (None: no spot to measure)
-        meta["elongation"] = dict(zip(("ratio", "angle", "n", "z"), shape, strict=True))
-    message = elongation_message(*shape, psf.params)
+    if spots[2]:  # (else it stays None: no spot could be measured)
+        meta["elongation"] = dict(zip(("ratio", "angle", "n", "z"), spots, strict=True))
+    message = elongation_message(*spots, psf.params)
     if message:
         _warn(message)
     if saturated.any():
