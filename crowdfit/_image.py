@@ -929,7 +929,7 @@ def fit_image(
     - `image`: `(H, W)` pixel values. Non-finite pixels are masked (with a warning).
     - `psf`: `"gaussian"`, `"integrated_gaussian"`, `"elliptical_gaussian"`,
       `"integrated_elliptical_gaussian"` or `"rotated_gaussian"` (angle 0). A round PSF takes
-      each elongated spot for an unresolved pair (σ = 1.6 × 2.6: 266 sources for 100; even
+      each elongated spot for an unresolved pair (σ = 1.6 × 2.6 at S/N 70: 203 sources for 100; even
       2.0 × 2.1 at S/N 700: 134), so the isolated spots' shape is measured first
       (`crowdfit._elongation`; `meta["elongation"]`: a dict of the axis ratio, angle, spots
       measured and coherence `z`), and a warning says

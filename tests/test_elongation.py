@@ -46,7 +46,7 @@ def test_tilted_spots_are_beyond_an_elliptical_model():
 
 
 def test_fit_image_warns_when_a_round_psf_meets_elongated_spots():
-    # (σ = 1.6 × 2.6 with psf="gaussian": 266 sources for 100 on a 256² field; see `_elongation`)
+    # (σ = 1.6 × 2.6 with psf="gaussian": 203 sources for 100 on a 256² field; see `_elongation`)
     image, _ = _field(1.6, 2.6, n=20)
     with pytest.warns(UserWarning, match=r"axis ratio 1\.6\d, long axis along y"):
         cat = crowdfit.fit_image(image, sigma=2.0, rounds=0)
