@@ -578,7 +578,8 @@ def fit_regions(
                 f"weights has shape {weights.shape}, expected the images' {images.shape}"
             ) from None
         weights = xp.where(mask, weights, 0.0).astype(dtype)
-        if _is_concrete(weights) and not np.all(np.asarray(weights) >= 0):
+        w_host = np.asarray(weights) if _is_concrete(weights) else None
+        if w_host is not None and not np.all(np.isfinite(w_host) & (w_host >= 0)):
             raise ValueError("weights must be finite and >= 0 where the mask counts a pixel")
 
     default_chunk, default_max = _default_sizes(k * h * w, b)

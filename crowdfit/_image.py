@@ -1012,12 +1012,14 @@ def fit_image(
       catalog of 0.07 sources/FWHM² or more, of each fit), all sources at once, on the pixels
       at least 1 FWHM from every source (`crowdfit._wings.measure_wings_jointly`, with the
       smooth background estimated again with them; see `_joint_wings`), and then every
-      region is refitted with them. Moffat fields of 0.1 stars/FWHM² (β = 2.5 / 3 / 4.5,
-      two each): fluxes -2.2 to +0.7 % (-17 / -13 / -8.5 % before: the wings too weak, or on
-      one field of each pair not found), Jaccard 0.97-0.99; at 0.2, -2.4 to +0.4 % (-19 %,
-      none found), Jaccard 0.94-0.96 (0.82). No Gaussian field tried (0.02-0.3 stars/FWHM²,
-      S/N 70 and 700) found any; on them the late look costs one joint measurement (0.2 s
-      on 512² at 0.1-0.3 stars/FWHM², 4-10 % of a call; skipped below 0.07 sources/FWHM²).
+      region is refitted with them. Moffat fields of 0.1 stars/FWHM² (256², β = 2.5 / 3 /
+      4.5, two each): median fluxes -0.4 to +2.9 % (-17 / -13 / -8.5 % before any joint
+      measurement: the wings too weak, or on one field of each pair not found), Jaccard
+      0.97-0.99; at 0.2, -2.4 to +0.4 % (-19 %, none found; measured before the joint look
+      left out the image's edge), Jaccard 0.94-0.96 (0.82); on 1024², -2.1 to -0.3 %. No
+      Gaussian field tried (0.02-0.3 stars/FWHM², S/N 70 and 700) found any; on them the late
+      look costs one joint measurement (0.2 s on 512² at 0.1-0.3 stars/FWHM², 4-10 % of a
+      call; skipped below 0.07 sources/FWHM²).
     - `progress_bar`: show progress (default: on a terminal).
 
     **Returns:** a `Catalog`, one row per source, ordered by `y`, then `x`.

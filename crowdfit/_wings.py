@@ -8,7 +8,7 @@ rings), the median over the stars, for fields where stars are apart; `measure_wi
 one least-squares fit of the profile to every source at once, on the pixels away from every
 source's core, for crowds (from 0.07 sources/FWHM², where few stars are isolated and their outer
 rings hold their neighbours' wings: Moffat fluxes went from -8 to -20 % to within -2.4 to
-+0.7 % at 0.1-0.2 stars/FWHM²; Gaussian crowds of 0.02-0.3 measured -0.01 to +0.01 of the light,
++2.9 % at 0.1-0.2 stars/FWHM²; Gaussian crowds of 0.02-0.3 measured -0.01 to +0.01 of the light,
 far below the 2 % that counts).
 """
 

@@ -251,11 +251,11 @@ def fit_image_dask(
     # (and the spots' shape, as measured on the most spots)
     shapes = [p["meta"]["elongation"] for p in parts if p["meta"].get("elongation") is not None]
     masked["elongation"] = max(shapes, key=lambda e: e["n"]) if shapes else None
-    message = shapes and elongation_message(
-        **masked["elongation"], psf_params=get_psf(fit_image_kwargs.get("psf", "gaussian")).params
-    )
-    if message:
-        warnings.warn(message, stacklevel=2)
+    if shapes:
+        psf_params = get_psf(fit_image_kwargs.get("psf", "gaussian")).params
+        message = elongation_message(**masked["elongation"], psf_params=psf_params)
+        if message:
+            warnings.warn(message, stacklevel=2)
     if len(parts) == 1:
         p = parts[0]
         if not p["meta"]:
