@@ -35,7 +35,9 @@ def _mask(path, shape):
 def _width(sigma) -> str:
     if sigma is None:
         return "none"
-    return ", ".join(f"{float(v):.3f}" for v in np.atleast_1d(sigma))
+    s = [float(v) for v in np.atleast_1d(sigma)]
+    angle = f" at {s.pop():.3f} rad" if len(s) == 3 else ""
+    return ", ".join(f"{v:.3f}" for v in s) + angle
 
 
 def _fit(args) -> int:

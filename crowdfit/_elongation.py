@@ -28,14 +28,16 @@ _MAX_SPOTS = 100
 _COHERENT = 5.0
 _RATIO = 1.03
 _MIN_SPOTS = 5
-# An elliptical model holds its axes along x and y: farther than this (degrees) they are not.
+# An elliptical model holds its axes along x and y: farther than this (degrees) they are not
+# ("rotated_gaussian" fits the angle).
 _TILT = 15.0
 
 
 def elongation_message(ratio, angle, n, z, psf_params) -> str | None:
     """The warning for `axis_ratio`'s measurement, or `None` when the PSF model fits it: a round
-    model and elongated spots, or an elliptical one whose axes the spots' are not."""
-    if not (n >= _MIN_SPOTS and z > _COHERENT and ratio > _RATIO):
+    model and elongated spots, or an elliptical one whose axes the spots' are not (a rotated
+    one fits any)."""
+    if not (n >= _MIN_SPOTS and z > _COHERENT and ratio > _RATIO) or "angle" in psf_params:
         return None
     tilt = min(abs(angle), abs(abs(angle) - 90.0))
     along = ("along x" if abs(angle) <= _TILT else "along y" if tilt <= _TILT else
@@ -43,15 +45,10 @@ def elongation_message(ratio, angle, n, z, psf_params) -> str | None:
     seen = (f"the spots are elongated (axis ratio {ratio:.2f}, long axis {along}, measured on "
             f"{n} isolated spots)")  # fmt: skip
     if "sigma" in psf_params:
-        fix = ("pass psf='elliptical_gaussian'" if tilt <= _TILT else
-               "rotate the image so that they lie along x or y and pass "
-               "psf='elliptical_gaussian'")  # fmt: skip
-        return f"{seen}: a round PSF takes each for an unresolved pair; {fix}"
+        fix = "psf='elliptical_gaussian'" if tilt <= _TILT else "psf='rotated_gaussian'"
+        return f"{seen}: a round PSF takes each for an unresolved pair; pass {fix}"
     if tilt > _TILT:
-        return (
-            f"{seen}: fit_image holds the PSF's axes along x and y; rotate the image so "
-            "that they lie along them"
-        )
+        return f"{seen}: this PSF holds its axes along x and y; pass psf='rotated_gaussian'"
     return None
 
 

@@ -28,7 +28,7 @@ from ._fill import find_fill
 from ._fit import _default_sizes, fit_regions
 from ._group import _pairs_within, _round_up, group_sources, pad_windows
 from ._progress import progress
-from ._psf import amplitude, get_psf
+from ._psf import amplitude, ellipse_covariance, ellipse_from_covariance, get_psf
 from ._render import render_windows
 from ._saturation import clear_rims, saturation_level, seed_holes
 from ._solution import Status
@@ -177,9 +177,43 @@ def _check_image(image, mask):
     return img, good & good_user
 
 
+def _widths(sigma):
+    """`(sigma_x, sigma_y)` of a shared PSF shape: one number, `(sigma_x, sigma_y)` or
+    `(sigma_x, sigma_y, angle)` (`"rotated_gaussian"`)."""
+    if np.ndim(sigma) == 0:
+        return float(sigma), float(sigma)
+    return float(sigma[0]), float(sigma[1])
+
+
+def _mean_width(sigma):
+    """The geometric mean of a shared PSF shape's widths (see `_widths`)."""
+    return math.sqrt(math.prod(_widths(sigma)))
+
+
+def _covariance(sigma):
+    """`(c_xx, c_yy, c_xy)` of a shared PSF shape (see `_widths`; no angle is angle 0)."""
+    angle = float(sigma[2]) if np.size(sigma) == 3 else 0.0
+    return ellipse_covariance(*_widths(sigma), angle)
+
+
+def _axis_widths(sigma):
+    """`(s_x, s_y)`: the widths of a shared PSF shape's profiles through its centre along x and
+    along y (its widths, unless rotated; see `_widths`)."""
+    c_xx, c_yy, c_xy = _covariance(sigma)
+    det = c_xx * c_yy - c_xy * c_xy
+    return math.sqrt(det / c_yy), math.sqrt(det / c_xx)
+
+
+def _shape_change(new, old):
+    """How far the shared PSF shape moved, as a fraction of its width: the largest change of
+    its covariance over twice the mean variance (for widths alone, their relative change)."""
+    a, b = np.array(_covariance(new)), np.array(_covariance(old))
+    return float(np.max(np.abs(a - b)) / (b[0] + b[1]))
+
+
 def _shape_values(psf, sigma):
-    """The PSF's shape parameters for a shared width `sigma` (a number or `(sigma_x, sigma_y)`)."""
-    sx, sy = (sigma, sigma) if np.ndim(sigma) == 0 else (float(sigma[0]), float(sigma[1]))
+    """The PSF's shape parameters for a shared shape `sigma` (see `_widths`)."""
+    sx, sy = _widths(sigma)
     out = {}
     for n in psf.params:
         if n == "sigma":
@@ -189,7 +223,7 @@ def _shape_values(psf, sigma):
         elif n == "sigma_y":
             out[n] = sy
         elif n == "angle":
-            out[n] = 0.0
+            out[n] = float(sigma[2]) if np.size(sigma) == 3 else 0.0
     return out
 
 
@@ -282,7 +316,8 @@ def _fit_all(
         flux=src["flux"],
     )  # fmt: skip
     n = src["x"].size
-    out = {c: np.full(n, np.nan) for c in COLUMNS}
+    columns = COLUMNS + (("angle",) if "angle" in psf.params else ())
+    out = {c: np.full(n, np.nan) for c in columns}
     for c in ("group", "status", "iterations"):
         out[c] = np.zeros(n, int)
     redo = range(len(regions))
@@ -293,7 +328,7 @@ def _fit_all(
         for i in redo:
             same[regions[i].members] = False
         refitted = ~same
-        for c in COLUMNS:
+        for c in columns:
             out[c][same] = previous[c][src["prev"][same]]
         for r in regions:
             out["group"][r.members] = r.group
@@ -368,6 +403,8 @@ def _fit_all(
             out[f"{name}_err"][flat] = e[name][row, slot] * u
         out["sigma_x"][flat] = p.get("sigma_x", p.get("sigma"))[row, slot]
         out["sigma_y"][flat] = p.get("sigma_y", p.get("sigma"))[row, slot]
+        if "angle" in p:
+            out["angle"][flat] = p["angle"][row, slot]
         bgp = p["background"][row] * unit
         out["background"][flat] = bgp if nb == 1 else bgp[:, 0] + bgp[:, 1] * px + bgp[:, 2] * py
         # (plus, where the map's shape was known light, that shape under the source)
@@ -415,7 +452,7 @@ def _refined_width(img, good, cat, bg_map, psf, shape_vals, sigma, fit_kw):
     src = dict(x=cat["x"][ok], y=cat["y"][ok], flux=cat["flux"][ok], background_map=bg_map)
     widths, *_ = _fit_all(img, good, src, psf, shape_vals, free_shape=True, **fit_kw)
     refined = _measured_width(widths, psf, faint=False)
-    if refined is None or np.max(np.abs(np.divide(refined, sigma) - 1)) <= _WIDTH_TOL:
+    if refined is None or _shape_change(refined, sigma) <= _WIDTH_TOL:
         return None
     return refined
 
@@ -442,12 +479,16 @@ def _width_sources(cat, snr=(20.0, 10.0, -np.inf), enough=30):
 
 def _measured_width(cat, psf, faint=True):
     """The PSF's width from a fit of every source's own width (`_width_sources`, the core
-    median of their widths): one number, or `(sigma_x, sigma_y)` for an elliptical PSF; `None`
+    median of their widths): one number, `(sigma_x, sigma_y)` for an elliptical PSF, or
+    `(sigma_x, sigma_y, angle)` for a rotated one (from its covariance's parts); `None`
     with fewer than 3 sources to measure it (`faint=False`: fewer than 30 above S/N 20, which
     are then the only ones used)."""
     ok = _width_sources(cat) if faint else _width_sources(cat, snr=(20.0,))
     if ok.sum() < 3 or not faint and ok.sum() < 30:
         return None
+    if "angle" in psf.params:  # (the core median of each part of the spots' covariance)
+        parts = ellipse_covariance(cat["sigma_x"][ok], cat["sigma_y"][ok], cat["angle"][ok])
+        return tuple(float(v) for v in ellipse_from_covariance(*map(_core_median, parts)))
     sx, sy = _core_median(cat["sigma_x"][ok]), _core_median(cat["sigma_y"][ok])
     return (sx, sy) if "sigma_x" in psf.params else math.sqrt(sx * sy)
 
@@ -804,6 +845,15 @@ def _residual_peaks(img, good, cat, model, bg_map, width, stars, psf_error, nois
     return new, near_new
 
 
+def _ellipse_start(width, ratio, angle):
+    """`(sigma_x, sigma_y, angle)` of a rotated Gaussian of mean width `width` whose long axis
+    is `ratio` times its short one, at `angle` degrees from x (`_elongation.axis_ratio`)."""
+    long_, short = width * math.sqrt(ratio), width / math.sqrt(ratio)
+    # (its `sigma_x` axis points along (cos a, -sin a): on the long axis for a = -angle)
+    parts = ellipse_covariance(long_, short, -math.radians(angle))
+    return tuple(float(v) for v in ellipse_from_covariance(*parts))
+
+
 def _first_detections(
     img, good, *, psf, sigma, threshold, spikes, saturation, offset, meta, noise
 ):  # fmt: skip
@@ -837,7 +887,7 @@ def _first_detections(
     if saturated.any():
         meta.update(saturation=level + offset, n_saturated=int(saturated.sum()))
     good = good & ~saturated
-    guess = float(np.sqrt(np.prod(sigma))) if sigma is not None else 2.0
+    guess = _mean_width(sigma) if sigma is not None else 2.0
     bg_map = estimate_background(img, good, sigma=guess)
     det_kw = dict(mask=good, threshold=threshold, noise=noise_level)
     det = detect(img, guess, background=bg_map, **det_kw)
@@ -853,7 +903,7 @@ def _first_detections(
         sigma = guess
     found = None
     if spikes:
-        found = find_spikes(img, sigma, noise_level, mask=good, background=bg_map,
+        found = find_spikes(img, _axis_widths(sigma), noise_level, mask=good, background=bg_map,
                             shot=noise == "poisson")  # fmt: skip
     if found is not None and found.any():
         meta["spikes"] = np.argwhere(found)
@@ -863,12 +913,16 @@ def _first_detections(
     if free_shape or found is not None and found.any():
         bg_map = estimate_background(img, good, sigma=guess)
         det = detect(img, guess, background=bg_map, **det_kw)
-    stars = seed_holes(img, good, bg_map, noise_level, sigma)
-    width = float(np.sqrt(np.prod(sigma)))
+    width = _mean_width(sigma)
+    stars = seed_holes(img, good, bg_map, noise_level, width)
     spots = axis_ratio(img, det["x"], det["y"], width, background=bg_map, noise=noise_level,
                        mask=good)  # fmt: skip
     if spots[2]:  # (else it stays None: no spot could be measured)
         meta["elongation"] = dict(zip(("ratio", "angle", "n", "z"), spots, strict=True))
+    if free_shape and "angle" in psf.params and spots[2] and np.isfinite(spots[0]):
+        # The first fit starts from the isolated spots' ellipse: a round start stays round,
+        # since a rotated Gaussian's angle moves nothing while its two widths are equal.
+        sigma = _ellipse_start(width, spots[0], spots[1])
     message = elongation_message(*spots, psf.params)
     if message:
         _warn(message)
@@ -877,7 +931,7 @@ def _first_detections(
     if stars["x"].size:
         # Peak finding answers a hole's rim several times (the masked core blinds the
         # narrow kernel); real neighbours there come back from the residual.
-        det = clear_rims(det, stars, 2 * float(np.sqrt(np.prod(sigma))))
+        det = clear_rims(det, stars, 2 * _mean_width(sigma))
         extra = {k: stars[k] if k in stars else np.full(stars["x"].size, np.inf) for k in det}
         det = {k: np.concatenate([det[k], extra[k]]) for k in det}
     return good, noise_level, bg_map, det, sigma, free_shape, stars
@@ -928,16 +982,26 @@ def fit_image(
 
     - `image`: `(H, W)` pixel values. Non-finite pixels are masked (with a warning).
     - `psf`: `"gaussian"`, `"integrated_gaussian"`, `"elliptical_gaussian"`,
-      `"integrated_elliptical_gaussian"` or `"rotated_gaussian"` (angle 0). A round PSF takes
-      each elongated spot for an unresolved pair (σ = 1.6 × 2.6 at S/N 70: 203 sources for 100; even
-      2.0 × 2.1 at S/N 700: 134), so the isolated spots' shape is measured first
-      (`crowdfit._elongation`; `meta["elongation"]`: a dict of the axis ratio, angle, spots
-      measured and coherence `z`), and a warning says
-      when it is coherently elongated beyond what the PSF model holds.
-    - `sigma`: the PSF width in pixels, one number or `(sigma_x, sigma_y)`, shared by all
-      sources and held fixed. `None` (default) estimates it from the data: from isolated bright
+      `"integrated_elliptical_gaussian"` or `"rotated_gaussian"`. A round PSF takes each
+      elongated spot for an unresolved pair (σ = 1.6 × 2.6 at S/N 70: 203 sources for 100; even
+      2.0 × 2.1 at S/N 700: 134), and an elliptical one holds its axes along x and y, so the
+      isolated spots' shape is measured first (`crowdfit._elongation`; `meta["elongation"]`: a
+      dict of the axis ratio, angle, spots measured and coherence `z`), and a warning says
+      when it is coherently elongated beyond what the PSF model holds. `"rotated_gaussian"`
+      fits an ellipse at any angle (the catalog gains an `angle` column): on 256² fields of
+      300 spots of σ = 1.6 × 2.6 tilted by 0.6 rad (0.1 spots/FWHM²) it found them with
+      Jaccard 0.997 and median flux error −0.6 % (σ estimated), where `"gaussian"` returned
+      561 sources (Jaccard 0.16) and `"elliptical_gaussian"` 314 (0.15). Its fits take
+      automatic derivatives over each whole window: about 4.5× the time of
+      `"elliptical_gaussian"` on the same spots along the axes.
+    - `sigma`: the PSF width in pixels, one number or `(sigma_x, sigma_y)` (for
+      `"rotated_gaussian"` also `(sigma_x, sigma_y, angle)`, `angle` in radians as
+      `get_psf("rotated_gaussian")` takes it; a pair is angle 0), shared by all sources and
+      held fixed. `None` (default) estimates it from the data: from isolated bright
       detections, then refined by fitting every source's width once and taking the median of
-      the core of those widths (blends fit wider; see `_core_median`). In a crowd the first
+      the core of those widths (blends fit wider; see `_core_median`; for a rotated PSF, of
+      each part of their covariance, the first fit starting from the isolated spots'
+      ellipse). In a crowd the first
       fit still holds hidden neighbours and pairs as one source each, so the width is measured
       again (sources above S/N 20) once the first residual search has found them, and when
       that moves it by more than 0.5 % every region is refitted with the new width
@@ -1037,10 +1101,16 @@ def fit_image(
             "use fit_regions for a PSF of your own"
         )
     if sigma is not None:
-        s = np.asarray(sigma, float)
-        if s.size not in (1, 2) or not np.all(np.isfinite(s)) or np.any(s <= 0):
-            raise ValueError(f"sigma must be a positive number or (sigma_x, sigma_y), got {sigma}")
-        sigma = float(s.ravel()[0]) if s.size == 1 else sigma  # ([2.0] is 2.0)
+        s = np.asarray(sigma, float).ravel()
+        rotated = "angle" in psf.params
+        if (s.size not in ((1, 2, 3) if rotated else (1, 2)) or not np.all(np.isfinite(s))
+                or np.any(s[:2] <= 0)):  # fmt: skip
+            raise ValueError(
+                "sigma must be a positive number or (sigma_x, sigma_y)"
+                + (", or (sigma_x, sigma_y, angle)" if rotated else "")
+                + f", got {sigma}"
+            )
+        sigma = float(s[0]) if s.size == 1 else tuple(float(v) for v in s)  # ([2.0] is 2.0)
     if threshold is not None and not (np.ndim(threshold) == 0 and 0 < threshold < np.inf):
         raise ValueError(f"threshold must be a positive number (of noise σ), got {threshold}")
     if not (np.ndim(min_snr) == 0 and min_snr >= 0):

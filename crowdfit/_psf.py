@@ -10,9 +10,10 @@ import math
 from collections.abc import Callable
 
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import erf
 
-__all__ = ["PSF", "get_psf", "PSF_NAMES"]
+__all__ = ["PSF", "get_psf", "PSF_NAMES", "ellipse_covariance", "ellipse_from_covariance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,40 @@ def _rotated_gaussian(p, x, y):
     dx, dy = x - p["x"], y - p["y"]
     amplitude = p["flux"] / (2 * math.pi * sx * sy)
     return amplitude * jnp.exp(-(a * dx**2 + 2 * b * dx * dy + c * dy**2))
+
+
+def ellipse_covariance(sigma_x, sigma_y, angle):
+    """`(c_xx, c_yy, c_xy)`: the covariance of `"rotated_gaussian"` spots of widths
+    `sigma_x, sigma_y` at `angle` (radians; any shapes that broadcast, numpy).
+
+    The `sigma_x` axis points along `(cos angle, -sin angle)` in `(x, y)` (rows grow downwards,
+    so on a displayed image `angle` turns it anticlockwise from x).
+
+    >>> [round(float(c), 3) for c in ellipse_covariance(1.0, 2.0, 0.0)]
+    [1.0, 4.0, 0.0]
+    """
+    c, s = np.cos(angle), np.sin(angle)
+    vx, vy = np.square(sigma_x), np.square(sigma_y)
+    return vx * c * c + vy * s * s, vx * s * s + vy * c * c, (vy - vx) * s * c
+
+
+def ellipse_from_covariance(c_xx, c_yy, c_xy):
+    """`(sigma_x, sigma_y, angle)` of `"rotated_gaussian"` spots with this covariance
+    (`ellipse_covariance`'s inverse), with `angle` in `(-pi/4, pi/4]`: `sigma_x` is the width
+    along the axis nearest x (so an ellipse along x and y has angle 0, like
+    `"elliptical_gaussian"`).
+
+    >>> [round(float(v), 3) for v in ellipse_from_covariance(*ellipse_covariance(1.0, 2.0, 1.2))]
+    [2.0, 1.0, -0.371]
+    """
+    c_xx, c_yy, c_xy = (np.asarray(v, float) for v in (c_xx, c_yy, c_xy))
+    mean = 0.5 * (c_xx + c_yy)
+    diff = np.hypot(0.5 * (c_xx - c_yy), c_xy)
+    major = -0.5 * np.arctan2(2.0 * c_xy, c_xx - c_yy)  # (the sigma_x axis on the major one)
+    swap = np.abs(major) > math.pi / 4
+    angle = np.where(swap, major - np.sign(major) * math.pi / 2, major)
+    big, small = np.sqrt(mean + diff), np.sqrt(np.maximum(mean - diff, 0.0))
+    return np.where(swap, small, big), np.where(swap, big, small), angle
 
 
 def _integrated_gaussian(p, x, y):

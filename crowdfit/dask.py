@@ -17,6 +17,8 @@ from ._fill import find_fill
 from ._group import default_max_window
 from ._image import (
     ALL_MASKED,
+    _covariance,
+    _widths,
     fill_message,
     fit_image,
     saturation_message,
@@ -36,7 +38,7 @@ from ._movie import (
     projection_frames,
     projection_partial,
 )
-from ._psf import get_psf
+from ._psf import ellipse_from_covariance, get_psf
 
 __all__ = ["fit_image_dask", "fit_movie_dask"]
 
@@ -204,7 +206,7 @@ def fit_image_dask(
         sigma = fit_image_kwargs.get("sigma")
         halo = fit_image_kwargs.get("max_window")
         if halo is None:
-            halo = default_max_window(0.0 if sigma is None else float(np.max(sigma)))
+            halo = default_max_window(0.0 if sigma is None else max(_widths(sigma)))
     halo = int(halo)
     if halo < 0:
         raise ValueError(f"halo must be >= 0, got {halo}")
@@ -287,8 +289,13 @@ def fit_image_dask(
 
 
 def _median_sigma(sigmas):
+    """The tiles' shared PSF shape: the median of their widths (of their covariances' parts,
+    for a rotated PSF's `(sigma_x, sigma_y, angle)`)."""
     if not sigmas:
         return None
+    if np.size(sigmas[0]) == 3:
+        parts = np.median(np.array([_covariance(v) for v in sigmas]), 0)
+        return tuple(float(v) for v in ellipse_from_covariance(*parts))
     s = np.median(np.array([np.broadcast_to(np.asarray(v, float), (2,)) for v in sigmas]), 0)
     return float(s[0]) if np.ndim(sigmas[0]) == 0 else (float(s[0]), float(s[1]))
 

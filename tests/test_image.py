@@ -285,6 +285,12 @@ def test_wide_psf_regions_scale_with_sigma():
         ({}, np.zeros(10), "2-D image"),
         ({}, np.zeros((2, 2, 8, 8)), "2-D image"),
         ({"sigma": -1.0}, np.zeros((16, 16)), "positive"),
+        ({"sigma": (2.0, 2.0, 0.5)}, np.zeros((16, 16)), r"or \(sigma_x, sigma_y\), got"),
+        (
+            {"sigma": (2.0, -1.0, 0.5), "psf": "rotated_gaussian"},
+            np.zeros((16, 16)),
+            r"\(sigma_x, sigma_y, angle\)",
+        ),
         ({"psf": "moffat"}, np.zeros((16, 16)), "unknown psf"),
         ({"noise": "cauchy"}, np.zeros((16, 16)), "unknown noise"),
         ({"threshold": np.nan}, np.zeros((16, 16)), "threshold must be a positive"),
