@@ -119,9 +119,10 @@ def photutils_psf(
 
     * Finder: ``DAOStarFinder(threshold, fwhm, min_separation=0)``, DAOFIND's own rule and
       photutils' default before 3.0, which made it ``2.5 fwhm``: that default keeps one peak in
-      every disc of 2.5 FWHM, and lost 2–5 % of the stars at 0.02 stars/FWHM² and ... of them
-      at 0.3 (see ``crowded_field.py``). ``finder_kwargs`` adds to or overrides its arguments
-      (e.g. ``ratio`` and ``theta`` for an elliptical kernel).
+      each disc of 2.5 FWHM, and ``PSFPhotometry`` found 82 % of the stars at 0.02 stars/FWHM²
+      and 12 % at 0.3 with it, 97 % and 49 % without (``crowded_field.py``'s fields).
+      ``finder_kwargs`` adds to or overrides its arguments (e.g. ``ratio`` and ``theta`` for
+      an elliptical kernel).
     * ``psf_model``: another photutils PSF model to fit instead (e.g. ``GaussianPSF`` with its
       widths and angle fixed, for elongated spots); ``sigma`` then sizes the fit box, the
       finder's FWHM and the aperture.
