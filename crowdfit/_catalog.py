@@ -97,7 +97,8 @@ class Catalog:
     @classmethod
     def read_csv(cls, path) -> Catalog:
         """Read a catalog written by `to_csv` (the columns only: no `meta`, so `model_image`
-        draws its sources as Gaussians, without any PSF wings `fit_image` measured)."""
+        draws its sources as the Gaussians its columns describe, without any PSF wings
+        `fit_image` measured; pass `psf` for the integrated ones)."""
         with open(path) as f:
             names = f.readline().strip().split(",")
         table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
@@ -131,7 +132,9 @@ def model_image(catalog, shape, *, psf=None, background=None):
 
     - `catalog`: a `Catalog` (or a dict with `x`, `y`, `flux`, `sigma_x`, `sigma_y` columns).
     - `shape`: `(H, W)` of the image.
-    - `psf`: the PSF name; default the catalog's own.
+    - `psf`: the PSF name; default the catalog's own (`meta["psf"]`; without one, as read
+      from CSV, `"rotated_gaussian"` when it has an `angle` column, else
+      `"elliptical_gaussian"`, which draws round sources where `sigma_x = sigma_y`).
     - `background`: `None` (sources only), a number, an `(H, W)` array, or `"catalog"` for the
       catalog's `meta["background_image"]`.
 
@@ -146,9 +149,11 @@ def model_image(catalog, shape, *, psf=None, background=None):
     from ._simulate import _render_field
 
     meta = getattr(catalog, "meta", {})
-    psf = get_psf(psf or meta.get("psf", "gaussian"))
-    h, w = int(shape[0]), int(shape[1])
     have = getattr(catalog, "columns", catalog)
+    # (a catalog without its meta, read from CSV, is drawn as its columns describe it)
+    unknown = "rotated_gaussian" if "angle" in have else "elliptical_gaussian"
+    psf = get_psf(psf or meta.get("psf") or unknown)
+    h, w = int(shape[0]), int(shape[1])
     missing = [c for c in ("x", "y", "flux", "sigma_x", "sigma_y") if c not in have]
     if missing:
         raise ValueError(f"the catalog has no {missing} column(s): model_image needs x, y, flux, "

@@ -40,6 +40,25 @@ def _width(sigma) -> str:
     return ", ".join(f"{v:.3f}" for v in s) + angle
 
 
+def _sigma(value: str):
+    """`--sigma`: one number, or comma-separated widths (and an angle), as `fit_image` takes
+    them (it checks how many)."""
+    try:
+        numbers = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number or comma-separated numbers (e.g. 2 or 1.6,2.6)"
+        ) from None
+    return numbers[0] if len(numbers) == 1 else numbers
+
+
+_SIGMA = dict(
+    type=_sigma, default=None,
+    help="PSF width: one number, sigma_x,sigma_y, or (--psf rotated_gaussian) "
+    "sigma_x,sigma_y,angle with the angle in radians (default: estimate)",
+)  # fmt: skip
+
+
 def _fit(args) -> int:
     from ._image import fit_image
     from ._io import read_image
@@ -77,8 +96,8 @@ def _traces(args) -> int:
     _check_out(args.out)
     frames = read_image(args.movie)
     traces = fit_movie(
-        frames, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
-        projection=args.projection, drift=args.drift,
+        frames, psf=args.psf, sigma=args.sigma, background=args.background,
+        noise=args.noise, projection=args.projection, drift=args.drift,
         mask=_mask(args.mask, np.shape(frames)[1:]), threshold=args.threshold,
         offset=args.offset, min_snr=args.min_snr, spikes=not args.keep_spikes,
         progress_bar=not args.quiet,
@@ -117,7 +136,7 @@ def main(argv=None) -> int:
     fit = sub.add_parser("fit", help="detect and fit every source of an image")
     fit.add_argument("image", help="TIFF, PNG or .npy image")
     fit.add_argument("--psf", default="gaussian")
-    fit.add_argument("--sigma", type=float, default=None, help="PSF width (default: estimate)")
+    fit.add_argument("--sigma", **_SIGMA)
     fit.add_argument("--background", default="constant", choices=["constant", "plane"])
     fit.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson"])
     fit.add_argument("--threshold", type=float, default=None, help="detection threshold (σ)")
@@ -152,7 +171,7 @@ def main(argv=None) -> int:
     traces = sub.add_parser("traces", help="intensity trace of every spot of a (T, H, W) movie")
     traces.add_argument("movie", help="TIFF stack or .npy movie (memory-mapped)")
     traces.add_argument("--psf", default="gaussian")
-    traces.add_argument("--sigma", type=float, default=None, help="PSF width (default: estimate)")
+    traces.add_argument("--sigma", **_SIGMA)
     traces.add_argument("--background", default="constant", choices=["constant", "plane"])
     traces.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson"])
     traces.add_argument(

@@ -989,11 +989,11 @@ def fit_image(
       dict of the axis ratio, angle, spots measured and coherence `z`), and a warning says
       when it is coherently elongated beyond what the PSF model holds. `"rotated_gaussian"`
       fits an ellipse at any angle (the catalog gains an `angle` column): on 256² fields of
-      300 spots of σ = 1.6 × 2.6 tilted by 0.6 rad (0.1 spots/FWHM²) it found them with
-      Jaccard 0.997 and median flux error −0.6 % (σ estimated), where `"gaussian"` returned
-      561 sources (Jaccard 0.16) and `"elliptical_gaussian"` 314 (0.15). Its fits take
-      automatic derivatives over each whole window: about 4.5× the time of
-      `"elliptical_gaussian"` on the same spots along the axes.
+      284 spots of σ = 1.6 × 2.6 tilted by 0.6 rad (0.1 spots/FWHM², `benchmarks/elongated.py`)
+      it found 282 (Jaccard 0.988, median flux error −0.1 %, shape estimated), where
+      `"gaussian"` and `"elliptical_gaussian"` returned 534 and 528 (0.16). Its fits take
+      automatic derivatives over each whole window: 3.7–4.5× the time of
+      `"elliptical_gaussian"` on the same spots along the axes, on a CPU.
     - `sigma`: the PSF width in pixels, one number or `(sigma_x, sigma_y)` (for
       `"rotated_gaussian"` also `(sigma_x, sigma_y, angle)`, `angle` in radians as
       `get_psf("rotated_gaussian")` takes it; a pair is angle 0), shared by all sources and

@@ -103,3 +103,22 @@ def test_a_rotated_shape_is_summed_up_by_its_covariance():
     )
     assert _median_sigma([2.0, 2.2, 2.1]) == 2.1
     assert _width((1.5, 2.5, 0.6)) == "1.500, 2.500 at 0.600 rad" and _width(2.0) == "2.000"
+
+
+def test_a_rotated_catalog_read_from_csv_draws_its_ellipses(tmp_path):
+    cat = crowdfit.Catalog({
+        "x": np.array([10.0, 20.3]), "y": np.array([12.0, 18.6]), "flux": np.array([100.0, 50.0]),
+        "sigma_x": np.array([1.5, 1.5]), "sigma_y": np.array([2.5, 2.5]),
+        "angle": np.array([0.6, 0.6]),
+    })  # fmt: skip
+    cat.to_csv(tmp_path / "cat.csv")
+    back = crowdfit.Catalog.read_csv(tmp_path / "cat.csv")
+    drawn = crowdfit.model_image(back, (32, 36))
+    np.testing.assert_allclose(drawn, crowdfit.model_image(cat, (32, 36), psf="rotated_gaussian"))
+    assert abs(drawn.sum() - 150.0) < 0.1
+    # (without an angle: the widths as elliptical Gaussians, round where they are equal)
+    flat = crowdfit.Catalog({k: v for k, v in cat.data.items() if k != "angle"})
+    np.testing.assert_allclose(
+        crowdfit.model_image(flat, (32, 36)),
+        crowdfit.model_image(flat, (32, 36), psf="elliptical_gaussian"),
+    )

@@ -329,6 +329,11 @@ def test_cli_fit(tmp_path, seed_field, capsys):
     np.save(tmp_path / "small.npy", np.ones((8, 8)))
     assert cli_main(["fit", str(path), "--mask", str(tmp_path / "small.npy")]) == 2
     assert "has shape (8, 8), the image (200, 400)" in capsys.readouterr().err
+    # σ as widths (and an angle, which only a rotated PSF takes)
+    assert cli_main(["fit", str(path), "--sigma", "2,2", "--quiet", "--out", str(out)]) == 0
+    assert "50 sources (sigma 2.000, 2.000)" in capsys.readouterr().out
+    assert cli_main(["fit", str(path), "--sigma", "2,2,0.5", "--quiet"]) == 2
+    assert "or (sigma_x, sigma_y), got" in capsys.readouterr().err
     # Checked before the fit: a catalog is CSV, in a folder that exists.
     assert cli_main(["fit", str(path), "--out", str(tmp_path / "cat.fits")]) == 2
     assert "name a .csv file" in capsys.readouterr().err
