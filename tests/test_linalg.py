@@ -43,7 +43,13 @@ def test_the_cpu_takes_the_loops():
 
 def test_fits_and_their_gradients_agree_through_either_implementation(x64, monkeypatch):
     # What a GPU runs (the library calls, for systems of more than `_LOOP_MAX` parameters),
-    # run here on the CPU inside a whole fit and its implicit gradient.
+    # run here on the CPU inside a whole fit and its implicit gradient (on the CPU also where
+    # the default device is a GPU, whose programs take the library calls by default).
+    with jax.default_device(jax.devices("cpu")[0]):
+        _agree_through_either_implementation(monkeypatch)
+
+
+def _agree_through_either_implementation(monkeypatch):
     import crowdfit
 
     rng = np.random.default_rng(4)
