@@ -920,8 +920,10 @@ def _first_detections(
     if spots[2]:  # (else it stays None: no spot could be measured)
         meta["elongation"] = dict(zip(("ratio", "angle", "n", "z"), spots, strict=True))
     if free_shape and "angle" in psf.params and spots[2] and np.isfinite(spots[0]):
-        # The first fit starts from the isolated spots' ellipse: a round start stays round,
-        # since a rotated Gaussian's angle moves nothing while its two widths are equal.
+        # The first fit starts from the isolated spots' ellipse: a rotated Gaussian's angle
+        # moves nothing while its two widths are equal, so from a round start only the noise
+        # turns each fit (on 284 spots tilted by 45°, with no start, that still gave the shape
+        # within 0.01 px and Jaccard 0.986; this start does not rely on it).
         sigma = _ellipse_start(width, spots[0], spots[1])
     message = elongation_message(*spots, psf.params)
     if message:
