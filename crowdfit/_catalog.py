@@ -32,8 +32,8 @@ class Catalog:
     integers), `flux` (total counts) and their 1σ errors `flux_err, x_err, y_err` (from the joint
     fit of each crowded region, so they include the covariance with neighbours), the PSF widths
     `sigma_x, sigma_y` (and `angle`, radians, for `"rotated_gaussian"`), the `background` under
-    the source (its region's fitted level, plus the
-    smooth background map's shape where that is part of the model), the peak `amplitude`,
+    the source (its region's fitted level, plus the smooth background map's shape where that is
+    part of the model), the peak `amplitude`,
     `snr = flux / flux_err`, the crowded `group` the source was fitted in, and the fit's
     `status` (0 = converged), `iterations` and `chi2_reduced`.
 
