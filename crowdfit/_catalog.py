@@ -118,9 +118,11 @@ def _fmt(v) -> str:
     return repr(float(v))
 
 
-def empty_columns() -> dict:
+def empty_columns(psf=None) -> dict:
+    """A catalog's columns with no rows (and an `angle` column for a `psf` that has one)."""
     ints = ("group", "status", "iterations")
-    return {c: np.zeros(0, int if c in ints else float) for c in COLUMNS}
+    names = COLUMNS + (("angle",) if psf is not None and "angle" in get_psf(psf).params else ())
+    return {c: np.zeros(0, int if c in ints else float) for c in names}
 
 
 def model_image(catalog, shape, *, psf=None, background=None):

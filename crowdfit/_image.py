@@ -1138,14 +1138,14 @@ def fit_image(
                 n_saturated=0, n_fill=0, elongation=None)  # fmt: skip
     if not good.any():
         warnings.warn(ALL_MASKED, stacklevel=2)
-        return Catalog(empty_columns(), {**meta, "sigma": sigma})
+        return Catalog(empty_columns(psf), {**meta, "sigma": sigma})
 
     first = _first_detections(
         img, good, psf=psf, sigma=sigma, threshold=threshold, spikes=spikes, saturation=saturation,
         offset=offset, meta=meta, noise=noise,
     )  # fmt: skip
     if first is None:  # nothing detected to estimate the PSF width from, or nothing left
-        return Catalog(empty_columns(), {**meta, "sigma": sigma})
+        return Catalog(empty_columns(psf), {**meta, "sigma": sigma})
     good, noise_level, bg_map, det, sigma, free_shape, stars = first
     estimated = free_shape
     det_kw = dict(mask=good, threshold=threshold, noise=noise_level)
@@ -1174,7 +1174,7 @@ def fit_image(
     while budget > 0:
         budget -= 1
         if src["x"].size == 0:
-            cat, keep = empty_columns(), None
+            cat, keep = empty_columns(psf), None
             break
         # The first fit's neighbour light comes from detection guesses: the second refits all.
         # (and once the PSF's wings are found: every region is refitted with them)

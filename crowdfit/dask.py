@@ -120,7 +120,7 @@ def _fit_tile(crop, mask, core, origin, shape, kwargs) -> dict:
     n_bad = int(np.count_nonzero(~np.isfinite(img) & in_core & (True if mask is None else mask)))
     none = dict(spikes=np.zeros((0, 2), int), saturation=None, n_saturated=0, n_fill=0)
     if not good.any():
-        return dict(data=empty_columns(), meta={}, n_bad=n_bad, **none)
+        return dict(data=empty_columns(kwargs.get("psf")), meta={}, n_bad=n_bad, **none)
     # Non-finite pixels are masked here (and counted above), so that the warning is given once
     # by the caller, not by every task on its own thread or worker.
     _image._QUIET.on = True  # spikes and saturated pixels are reported once, by the caller

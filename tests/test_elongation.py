@@ -122,3 +122,11 @@ def test_a_rotated_catalog_read_from_csv_draws_its_ellipses(tmp_path):
         crowdfit.model_image(flat, (32, 36)),
         crowdfit.model_image(flat, (32, 36), psf="elliptical_gaussian"),
     )
+
+
+def test_an_empty_rotated_catalog_has_its_angle_column():
+    # (so that `fit_image_dask` can join an empty tile's catalog to the others')
+    for psf in ("rotated_gaussian", "elliptical_gaussian"):
+        with pytest.warns(UserWarning, match="blank frame"):
+            cat = crowdfit.fit_image(np.full((16, 16), 3.0), psf=psf)
+        assert len(cat) == 0 and ("angle" in cat.columns) == (psf == "rotated_gaussian")
