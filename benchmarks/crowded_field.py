@@ -18,7 +18,7 @@ background of 5 with Gaussian noise of sigma 5), at densities up to 0.3 stars pe
   background subtracted (no local background), known noise as the error image; DAOStarFinder at
   5 sigma with `min_separation=0` (DAOFIND's rule; photutils 3.0's default, 2.5 FWHM, kept one
   star in each disc of 11.8 px: Jaccard 0.36 / 0.11 at 0.1 / 0.3 stars/FWHM² for
-  `PSFPhotometry`, against 0.73 / 0.42); fitted positions held within `xy_bounds=σ` of their
+  `PSFPhotometry`, against 0.73 / 0.43); fitted positions held within `xy_bounds=σ` of their
   start (unbounded, `IterativePSFPhotometry` crashed at 0.3); `PSFPhotometry` and
   `IterativePSFPhotometry(mode="all", maxiters=3)`.
 * **crowdsource** `_peers.crowdsource_fit(image, sigma=2, background=5, noise=5)`: known sigma,

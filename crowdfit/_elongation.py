@@ -33,11 +33,13 @@ _MIN_SPOTS = 5
 _TILT = 15.0
 
 
-def elongation_message(ratio, angle, n, z, psf_params) -> str | None:
+def elongation_message(ratio, angle, n, z, psf_params, angle_held=False) -> str | None:
     """The warning for `axis_ratio`'s measurement, or `None` when the PSF model fits it: a round
     model and elongated spots, or an elliptical one whose axes the spots' are not (a rotated
-    one fits any)."""
-    if not (n >= _MIN_SPOTS and z > _COHERENT and ratio > _RATIO) or "angle" in psf_params:
+    one fits any, unless `angle_held`: its `sigma` was given without an angle, so at 0)."""
+    if not (n >= _MIN_SPOTS and z > _COHERENT and ratio > _RATIO):
+        return None
+    if "angle" in psf_params and not angle_held:
         return None
     tilt = min(abs(angle), abs(abs(angle) - 90.0))
     along = ("along x" if abs(angle) <= _TILT else "along y" if tilt <= _TILT else
@@ -47,6 +49,9 @@ def elongation_message(ratio, angle, n, z, psf_params) -> str | None:
     if "sigma" in psf_params:
         fix = "psf='elliptical_gaussian'" if tilt <= _TILT else "psf='rotated_gaussian'"
         return f"{seen}: a round PSF takes each for an unresolved pair; pass {fix}"
+    if tilt > _TILT and "angle" in psf_params:
+        return (f"{seen}: sigma without an angle holds the rotated PSF at angle 0; pass "
+                "sigma=(sigma_x, sigma_y, angle), or sigma=None to measure it")  # fmt: skip
     if tilt > _TILT:
         return f"{seen}: this PSF holds its axes along x and y; pass psf='rotated_gaussian'"
     return None

@@ -925,7 +925,8 @@ def _first_detections(
         # turns each fit (on 284 spots tilted by 45°, with no start, that still gave the shape
         # within 0.01 px and Jaccard 0.986; this start does not rely on it).
         sigma = _ellipse_start(width, spots[0], spots[1])
-    message = elongation_message(*spots, psf.params)
+    held = "angle" in psf.params and not free_shape and np.size(sigma) < 3
+    message = elongation_message(*spots, psf.params, angle_held=held)
     if message:
         _warn(message)
     if saturated.any():

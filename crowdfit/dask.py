@@ -255,7 +255,10 @@ def fit_image_dask(
     masked["elongation"] = max(shapes, key=lambda e: e["n"]) if shapes else None
     if shapes:
         psf_params = get_psf(fit_image_kwargs.get("psf", "gaussian")).params
-        message = elongation_message(**masked["elongation"], psf_params=psf_params)
+        given = fit_image_kwargs.get("sigma")
+        held = given is not None and np.size(given) < 3  # (a rotated PSF's angle then 0)
+        message = elongation_message(**masked["elongation"], psf_params=psf_params,
+                                     angle_held=held)  # fmt: skip
         if message:
             warnings.warn(message, stacklevel=2)
     if len(parts) == 1:

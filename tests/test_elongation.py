@@ -48,6 +48,10 @@ def test_tilted_spots_call_for_a_rotated_model():
         message = elongation_message(1.5, 40.0, 30, 20.0, params)
         assert "at 40° from x" in message and "psf='rotated_gaussian'" in message
     assert elongation_message(1.5, 40.0, 30, 20.0, ROTATED) is None
+    # (a rotated PSF whose sigma was given without an angle is held at angle 0)
+    held = elongation_message(1.5, 40.0, 30, 20.0, ROTATED, angle_held=True)
+    assert "sigma=(sigma_x, sigma_y, angle)" in held
+    assert elongation_message(1.5, 2.0, 30, 20.0, ROTATED, angle_held=True) is None
 
 
 @pytest.mark.parametrize("sx, sy, angle", [(1.5, 2.5, 0.6), (2.5, 1.5, -1.2), (2.0, 2.0, 0.3)])
