@@ -11,7 +11,9 @@ from ._crlb import CRLBResult as CRLBResult
 from ._crlb import crlb as crlb
 from ._fit import fit_regions as fit_regions
 from ._image import fit_image as fit_image
+from ._io import read_header as read_header
 from ._io import read_image as read_image
+from ._io import sky_coordinates as sky_coordinates
 from ._match import MatchResult as MatchResult
 from ._match import match as match
 from ._movie import Traces as Traces

@@ -61,11 +61,16 @@ _SIGMA = dict(
 
 def _fit(args) -> int:
     from ._image import fit_image
-    from ._io import read_image
+    from ._io import read_header, read_image, sky_coordinates
 
     out = args.out or "catalog.csv"
     _check_out(out)
-    image = read_image(args.image, mmap=False)
+    image = read_image(args.image, mmap=False, hdu=args.hdu)
+    header = read_header(args.image, hdu=args.hdu)
+    saturation = args.saturation
+    if saturation is None and header is not None and _positive(header.get("SATURATE")):
+        saturation = float(header["SATURATE"])
+        print(f"saturation {saturation:g} (the header's SATURATE)", file=sys.stderr)
     if image.ndim == 3 and image.shape[-1] not in (3, 4):
         print(
             f"{args.image} holds a stack of {image.shape[0]} frames; fitting the first "
@@ -77,12 +82,37 @@ def _fit(args) -> int:
         image, psf=args.psf, sigma=args.sigma, background=args.background, noise=args.noise,
         mask=_mask(args.mask, image.shape), threshold=args.threshold, offset=args.offset,
         min_snr=args.min_snr, rounds=args.rounds, split=not args.no_split,
-        spikes=not args.keep_spikes, saturation=args.saturation, psf_error=args.psf_error,
+        spikes=not args.keep_spikes, saturation=saturation, psf_error=args.psf_error,
         psf_wings=not args.no_wings, progress_bar=not args.quiet,
     )  # fmt: skip
+    sky = ""
+    if header is not None and _celestial(header):
+        cat, sky = sky_coordinates(cat, header), " with ra, dec from the header's WCS"
     cat.to_csv(out)
-    print(f"{len(cat)} sources (sigma {_width(cat.meta.get('sigma'))}) written to {out}")
+    print(f"{len(cat)} sources (sigma {_width(cat.meta.get('sigma'))}) written to {out}{sky}")
     return 0
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < np.inf
+
+
+def _celestial(header) -> bool:
+    """Whether a FITS header holds a celestial WCS (astropy's notes on it are not shown)."""
+    import warnings
+
+    from astropy.wcs import WCS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return WCS(header).has_celestial
+        except Exception:  # (a malformed WCS: the catalog keeps pixel positions only)
+            return False
+
+
+def _hdu(value: str):
+    return int(value) if value.lstrip("-").isdigit() else value
 
 
 def _projection(value: str):
@@ -94,7 +124,7 @@ def _traces(args) -> int:
     from ._movie import fit_movie
 
     _check_out(args.out)
-    frames = read_image(args.movie)
+    frames = read_image(args.movie, hdu=args.hdu)
     traces = fit_movie(
         frames, psf=args.psf, sigma=args.sigma, background=args.background,
         noise=args.noise, projection=args.projection, drift=args.drift,
@@ -124,6 +154,10 @@ def _common(parser) -> None:
     parser.add_argument(
         "--min-snr", type=float, default=5.0, help="least flux / flux_err kept (default 5)"
     )
+    parser.add_argument(
+        "--hdu", type=_hdu, default=None,
+        help="FITS files: the HDU's index or EXTNAME (default: the first holding an image)",
+    )  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -134,7 +168,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="detect and fit every source of an image")
-    fit.add_argument("image", help="TIFF, PNG or .npy image")
+    fit.add_argument(
+        "image",
+        help="TIFF, FITS, PNG or .npy image (FITS: a celestial WCS adds ra, dec to the catalog, "
+        "and SATURATE is the saturation level unless given)",
+    )
     fit.add_argument("--psf", default="gaussian")
     fit.add_argument("--sigma", **_SIGMA)
     fit.add_argument("--background", default="constant", choices=["constant", "plane"])
@@ -169,7 +207,7 @@ def main(argv=None) -> int:
     fit.set_defaults(func=_fit)
 
     traces = sub.add_parser("traces", help="intensity trace of every spot of a (T, H, W) movie")
-    traces.add_argument("movie", help="TIFF stack or .npy movie (memory-mapped)")
+    traces.add_argument("movie", help="TIFF stack, FITS cube or .npy movie (memory-mapped)")
     traces.add_argument("--psf", default="gaussian")
     traces.add_argument("--sigma", **_SIGMA)
     traces.add_argument("--background", default="constant", choices=["constant", "plane"])
@@ -198,7 +236,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"crowdfit: error: {e}", file=sys.stderr)
         return 2
 
