@@ -65,6 +65,8 @@ def _fit(args) -> int:
 
     out = args.out or "catalog.csv"
     _check_out(out)
+    if args.plot:
+        _check_plot(args.plot)
     image = read_image(args.image, mmap=False, hdu=args.hdu)
     header = read_header(args.image, hdu=args.hdu)
     saturation = args.saturation
@@ -90,7 +92,34 @@ def _fit(args) -> int:
         cat, sky = sky_coordinates(cat, header), " with ra, dec from the header's WCS"
     cat.to_csv(out)
     print(f"{len(cat)} sources (sigma {_width(cat.meta.get('sigma'))}) written to {out}{sky}")
+    if args.plot:
+        _save_plot(image, cat, args.plot)
     return 0
+
+
+def _save_plot(image, cat, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ._plot import plot_catalog
+
+    fig = plot_catalog(np.where(np.isfinite(image), image, np.nan), cat)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"plot of the image and the residual written to {path}")
+
+
+def _check_plot(path) -> None:
+    """Before a long fit: matplotlib is there, and the plot's folder exists."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'crowdfit[plot]'") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--plot {path}: no such folder: {folder}")
 
 
 def _positive(value) -> bool:
@@ -203,6 +232,9 @@ def main(argv=None) -> int:
         "--rounds", type=int, default=3, help="rounds of residual search and refit (default 3)"
     )
     fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
+    fit.add_argument(
+        "--plot", default=None, help="PNG (or PDF, SVG) of the image with its sources and residual"
+    )
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(func=_fit)
 

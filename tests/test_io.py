@@ -88,16 +88,19 @@ def test_sky_coordinates_follow_the_wcs_and_scale_the_errors():
         crowdfit.sky_coordinates(cat, WCS(naxis=2))
 
 
-def test_cli_fits_adds_sky_coordinates_and_reads_saturate(tmp_path, field, capsys):
+def test_cli_fits_adds_sky_coordinates_reads_saturate_and_plots(tmp_path, field, capsys):
     image, truth = field
     w = _wcs()
     header = w.to_header()
     header["SATURATE"] = 60000.0
     path = tmp_path / "field.fits"
     fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(image.astype(np.float32), header)]).writeto(path)
-    out = tmp_path / "cat.csv"
-    assert cli_main(["fit", str(path), "--sigma", "2", "--out", str(out), "--quiet"]) == 0
+    out, png = tmp_path / "cat.csv", tmp_path / "fit.png"
+    args = ["--sigma", "2", "--out", str(out), "--quiet", "--plot", str(png)]
+    assert cli_main(["fit", str(path), *args]) == 0
     captured = capsys.readouterr()
+    assert f"plot of the image and the residual written to {png}" in captured.out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "50 sources (sigma 2.000) written to" in captured.out
     assert "with ra, dec from the header's WCS" in captured.out
     assert "saturation 60000 (the header's SATURATE)" in captured.err
@@ -112,3 +115,5 @@ def test_cli_fits_adds_sky_coordinates_and_reads_saturate(tmp_path, field, capsy
                                atol=0.5 / 3600)  # fmt: skip
     assert cli_main(["fit", str(path), "--hdu", "7"]) == 2
     assert "has no HDU 7" in capsys.readouterr().err
+    assert cli_main(["fit", str(path), "--plot", str(tmp_path / "no" / "fit.png")]) == 2
+    assert "--plot" in capsys.readouterr().err  # (checked before the fit)

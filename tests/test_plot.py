@@ -1,0 +1,55 @@
+"""`plot_catalog`: the sources drawn where the catalog puts them, and the residual shown."""
+
+import numpy as np
+import pytest
+
+import crowdfit
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.collections import EllipseCollection  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    image, truth = crowdfit.simulate_field((64, 64), 10, seed=1)  # (fit_image's doctest field)
+    return image, truth, crowdfit.fit_image(image, sigma=2.0)
+
+
+def _ellipses(ax):
+    (coll,) = [c for c in ax.collections if isinstance(c, EllipseCollection)]
+    return coll
+
+
+def test_sources_and_residual_are_drawn(fitted):
+    image, truth, cat = fitted
+    fig = crowdfit.plot_catalog(image, cat, truth=truth)
+    img_ax, res_ax, _ = fig.axes
+    coll = _ellipses(img_ax)
+    np.testing.assert_allclose(coll.get_offsets(), np.column_stack([cat["x"], cat["y"]]))
+    np.testing.assert_allclose(coll._widths, 2 * cat["sigma_x"])  # (half-widths: 2σ radius)
+    assert f"{len(cat)} sources" in img_ax.get_title() and "10 true" in img_ax.get_title()
+    (line,) = img_ax.get_lines()  # the true sources' crosses
+    np.testing.assert_allclose(line.get_xdata(), truth["x"])
+    shown = res_ax.get_images()[0].get_array()
+    res = crowdfit.residual_image(image, cat)
+    assert np.corrcoef(np.ravel(shown), res.ravel())[0, 1] > 0.999  # (scaled by the noise)
+    assert 0.7 < np.std(shown) < 1.5  # in units of the noise: the model explains the data
+    plt.close(fig)
+
+
+def test_options_and_bad_input(fitted):
+    image, _, cat = fitted
+    fig = crowdfit.plot_catalog(image, cat, residual=False)
+    assert len(fig.axes) == 1
+    plt.close(fig)
+    tilted = crowdfit.Catalog({**cat.data, "angle": np.full(len(cat), 0.5)}, cat.meta)
+    fig, axes = plt.subplots(1, 2)
+    assert crowdfit.plot_catalog(image, tilted, axes=axes) is fig
+    np.testing.assert_allclose(_ellipses(axes[0])._angles, 0.5)  # (radians, as drawn)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="expected 2 axes"):
+        crowdfit.plot_catalog(image, cat, axes=axes[0])
+    with pytest.raises(ValueError, match="expected a 2-D image"):
+        crowdfit.plot_catalog(image[0], cat)
