@@ -86,6 +86,34 @@ class Catalog:
             raise ImportError("to_pandas needs pandas: pip install pandas") from None
         return pd.DataFrame(dict(self.data))
 
+    def to_fits(self, path, *, overwrite: bool = False) -> None:
+        """Write the catalog as a FITS binary table (needs astropy: `pip install
+        'crowdfit[fits]'`), with the scalar `meta` entries (`psf`, `sigma`, `noise`,
+        `saturation`...) as header keywords, and the WCS (from `sky_coordinates`) when there is
+        one. Read it with `astropy.table.Table.read(path)`."""
+        try:
+            from astropy.io import fits
+        except ImportError:
+            raise ImportError("to_fits needs astropy: pip install 'crowdfit[fits]'") from None
+        cols = []
+        for name, v in self.data.items():
+            v = np.asarray(v)
+            cols.append(fits.Column(name, "K" if v.dtype.kind in "iu" else "D", array=v))
+        hdu = fits.BinTableHDU.from_columns(cols, name="CATALOG")
+        hdu.header["ORIGIN"] = "crowdfit"
+        for key, value in self.meta.items():
+            if key == "sigma" and value is not None:
+                for i, v in enumerate(np.atleast_1d(value)):
+                    hdu.header[f"SIGMA{i + 1}"] = (float(v), "PSF shape (sigma_x, sigma_y, angle)")
+            elif key in _FITS_KEYS and isinstance(value, (str, int, float, np.number)):
+                keyword, comment = _FITS_KEYS[key]
+                hdu.header[keyword] = (value.item() if hasattr(value, "item") else value, comment)
+        if "wcs" in self.meta:  # (the image's WCS, from `sky_coordinates`)
+            header = fits.Header.fromstring(self.meta["wcs"])
+            hdu.header.extend((c for c in header.cards if c.keyword not in hdu.header),
+                              unique=True)  # fmt: skip
+        hdu.writeto(path, overwrite=overwrite)
+
     def to_csv(self, path) -> None:
         """Write the catalog as CSV with a header row."""
         names = list(self.data)
@@ -110,6 +138,19 @@ class Catalog:
             col = table[:, i]
             data[n] = col.astype(int) if n in ("group", "status", "iterations") else col
         return cls(data)
+
+
+# `meta` entries written to a FITS table's header by `to_fits`: keyword and comment.
+_FITS_KEYS = {
+    "psf": ("PSF", "PSF model"), "noise": ("NOISE", "noise model"),
+    "noise_level": ("NOISELEV", "image noise (robust sigma)"),
+    "rounds": ("ROUNDS", "residual search rounds run"),
+    "n_regions": ("NREGIONS", "regions in the last grouping"),
+    "region_fits": ("NFITS", "region fits over all rounds"),
+    "splits": ("NSPLITS", "sources split into pairs"),
+    "saturation": ("SATURATE", "saturation level used"),
+    "n_saturated": ("NSATUR", "saturated pixels masked"), "n_fill": ("NFILL", "fill pixels masked"),
+}  # fmt: skip
 
 
 def _fmt(v) -> str:

@@ -11,10 +11,22 @@ import numpy as np
 __all__ = ["main"]
 
 
-def _check_out(path: str) -> None:
-    """Before a long fit: the output is a CSV file in a folder that exists."""
-    if os.path.splitext(path)[1].lower() not in (".csv", ".txt"):
-        raise ValueError(f"--out {path}: the output is written as CSV; name a .csv file")
+_TABLES = (".fits", ".fit", ".fts")
+
+
+def _check_out(path: str, fits: bool = False) -> None:
+    """Before a long fit: the output is a CSV file (or, with `fits`, a FITS table) in a folder
+    that exists."""
+    ext = os.path.splitext(path)[1].lower()
+    if fits and ext in _TABLES:
+        try:
+            import astropy  # noqa: F401
+        except ImportError:
+            raise ImportError(f"--out {path}: FITS tables need astropy: pip install "
+                              "'crowdfit[fits]'") from None  # fmt: skip
+    elif ext not in (".csv", ".txt"):
+        also = " or a .fits table" if fits else ""
+        raise ValueError(f"--out {path}: the output is written as CSV; name a .csv file{also}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--out {path}: no such folder: {folder}")
@@ -64,7 +76,7 @@ def _fit(args) -> int:
     from ._io import read_header, read_image, sky_coordinates
 
     out = args.out or "catalog.csv"
-    _check_out(out)
+    _check_out(out, fits=True)
     if args.plot:
         _check_plot(args.plot)
     image = read_image(args.image, mmap=False, hdu=args.hdu)
@@ -90,7 +102,10 @@ def _fit(args) -> int:
     sky = ""
     if header is not None and _celestial(header):
         cat, sky = sky_coordinates(cat, header), " with ra, dec from the header's WCS"
-    cat.to_csv(out)
+    if os.path.splitext(out)[1].lower() in _TABLES:
+        cat.to_fits(out, overwrite=True)
+    else:
+        cat.to_csv(out)
     print(f"{len(cat)} sources (sigma {_width(cat.meta.get('sigma'))}) written to {out}{sky}")
     if args.plot:
         _save_plot(image, cat, args.plot)
@@ -231,7 +246,9 @@ def main(argv=None) -> int:
     fit.add_argument(
         "--rounds", type=int, default=3, help="rounds of residual search and refit (default 3)"
     )
-    fit.add_argument("--out", default=None, help="output CSV (default catalog.csv)")
+    fit.add_argument(
+        "--out", default=None, help="output CSV, or FITS table (.fits) (default catalog.csv)"
+    )
     fit.add_argument(
         "--plot", default=None, help="PNG (or PDF, SVG) of the image with its sources and residual"
     )

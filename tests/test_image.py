@@ -335,8 +335,8 @@ def test_cli_fit(tmp_path, seed_field, capsys):
     assert cli_main(["fit", str(path), "--sigma", "2,2,0.5", "--quiet"]) == 2
     assert "or (sigma_x, sigma_y), got" in capsys.readouterr().err
     # Checked before the fit: a catalog is CSV, in a folder that exists.
-    assert cli_main(["fit", str(path), "--out", str(tmp_path / "cat.fits")]) == 2
-    assert "name a .csv file" in capsys.readouterr().err
+    assert cli_main(["fit", str(path), "--out", str(tmp_path / "cat.xlsx")]) == 2
+    assert "name a .csv file or a .fits table" in capsys.readouterr().err
     assert cli_main(["fit", str(path), "--out", str(tmp_path / "no" / "cat.csv")]) == 2
     assert "no such folder" in capsys.readouterr().err
     (tmp_path / "junk.npy").write_text("junk")

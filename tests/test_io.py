@@ -113,6 +113,16 @@ def test_cli_fits_adds_sky_coordinates_reads_saturate_and_plots(tmp_path, field,
     got = np.column_stack([cat["ra"], cat["dec"]])[m.found_index]
     np.testing.assert_allclose(got, np.column_stack([true_sky.ra.deg, true_sky.dec.deg]),
                                atol=0.5 / 3600)  # fmt: skip
+    # A FITS table out: the same columns, the PSF and the WCS in its header.
+    args = ["--sigma", "2", "--out", str(tmp_path / "cat.fits"), "--quiet"]
+    assert cli_main(["fit", str(path), *args]) == 0
+    capsys.readouterr()
+    with fits.open(tmp_path / "cat.fits") as hdul:
+        table, head = hdul["CATALOG"].data, hdul["CATALOG"].header
+        np.testing.assert_allclose(table["ra"], cat["ra"], rtol=1e-12)
+        assert table["group"].dtype.kind == "i"
+        assert head["PSF"] == "gaussian" and head["SIGMA1"] == 2.0
+        assert head["CTYPE1"] == "RA---TAN"
     assert cli_main(["fit", str(path), "--hdu", "7"]) == 2
     assert "has no HDU 7" in capsys.readouterr().err
     assert cli_main(["fit", str(path), "--plot", str(tmp_path / "no" / "fit.png")]) == 2
