@@ -26,7 +26,7 @@ from ._detect import (
 from ._elongation import axis_ratio, elongation_message
 from ._fill import find_fill
 from ._fit import _default_sizes, fit_regions
-from ._group import _pairs_within, _round_up, group_sources, pad_windows
+from ._group import _pairs_within, _round_up, closest_neighbours, group_sources, pad_windows
 from ._progress import progress
 from ._psf import amplitude, ellipse_covariance, ellipse_from_covariance, get_psf
 from ._render import render_windows
@@ -598,29 +598,13 @@ def _warranted(img, good, cat, width, min_snr, shape, only=None, sky=None, wings
     weak = np.where(weak if only is None else weak & only)[0]
     if weak.size == 0 or ok.sum() < 2:
         return out
-    # Each weak source's (up to 3) closest usable neighbours within 2 widths, nearest first,
-    # from the close pairs alone (a dense weak × all distance matrix would take gigabytes on a
-    # 2048² field of 40 000 stars).
-    others = np.where(ok)[0]
-    a, b = _pairs_within(cat["x"][others], cat["y"][others], 2 * width)
-    first, second = np.concatenate([others[a], others[b]]), np.concatenate([others[b], others[a]])
-    is_weak = np.zeros(n, bool)
-    is_weak[weak] = True
-    first, second = first[is_weak[first]], second[is_weak[first]]
-    d2 = (cat["x"][first] - cat["x"][second]) ** 2 + (cat["y"][first] - cat["y"][second]) ** 2
-    order = np.lexsort((d2, first))
-    first, second, d2 = first[order], second[order], d2[order]
-    rank = np.arange(first.size) - np.searchsorted(first, first)
-    closest = rank == 0
-    # Closer than half a width the merge rule of `_prune` decides.
-    i = first[closest & (d2 >= (0.5 * width) ** 2)]
+    # Each weak source's (up to 3) closest usable neighbours within 2 widths, nearest first;
+    # closer than half a width the merge rule of `_prune` decides.
+    nb, near, d2 = closest_neighbours(cat["x"], cat["y"], weak, 2 * width, 3, usable=ok)
+    tested = near[:, 0] & (d2[:, 0] >= (0.5 * width) ** 2)
+    i, nb, near = weak[tested], nb[tested], near[tested]
     if i.size == 0:
         return out
-    take = (rank < 3) & np.isin(first, i)
-    row, col = np.searchsorted(i, first[take]), rank[take]
-    nb = np.repeat(i[:, None], 3, axis=1)  # (padding slots point at the source itself)
-    near = np.zeros((i.size, 3), bool)
-    nb[row, col], near[row, col] = second[take], True
     members = np.column_stack([i, nb])  # (C, 4): the weak source, then its neighbours
     valid = np.column_stack([np.ones(i.size, bool), near])
     p = {k: np.where(valid, cat[k][members], 0.0) for k in ("x", "y", "flux")}

@@ -12,6 +12,7 @@ import pytest
 from crowdfit._group import (
     Region,
     bucket_regions,
+    closest_neighbours,
     default_max_window,
     group_sources,
     pad_window,
@@ -276,3 +277,19 @@ def test_pad_windows_matches_pad_window():
             np.testing.assert_array_equal(crops[b], crop)
             np.testing.assert_array_equal(masks[b], mask)
             assert tuple(origins[b]) == origin
+
+
+def test_closest_neighbours_match_brute_force():
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(0, 40, 300), rng.uniform(0, 40, 300)
+    usable = rng.random(300) > 0.2
+    idx = np.flatnonzero(rng.random(300) > 0.5)
+    nb, near, d2 = closest_neighbours(x, y, idx, 3.0, 3, usable=usable)
+    for c, i in enumerate(idx):
+        d = np.hypot(x - x[i], y - y[i])
+        d[i] = np.inf
+        d[~usable] = np.inf
+        want = [j for j in np.argsort(d, kind="stable")[:3] if d[j] < 3.0] if usable[i] else []
+        assert nb[c, near[c]].tolist() == want
+        assert np.all(nb[c, ~near[c]] == i) and np.all(np.isinf(d2[c, ~near[c]]))
+        np.testing.assert_allclose(np.sqrt(d2[c, near[c]]), d[want])
