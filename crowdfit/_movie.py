@@ -216,16 +216,22 @@ def find_spots(
 
 
 def _shape_columns(psf, catalog, n: int, sigma) -> dict:
-    """Per-spot PSF shape parameters `(N,)` from the catalog's widths (or `sigma`)."""
+    """Per-spot PSF shape parameters `(N,)` from the catalog's widths and angle (or `sigma`:
+    one width, `(sigma_x, sigma_y)` or `(sigma_x, sigma_y, angle)`)."""
     cols = catalog.columns if isinstance(catalog, Catalog) else tuple(catalog)
+    s = None if sigma is None else np.asarray(sigma, float).ravel()
     if "sigma_x" in cols and "sigma_y" in cols:
         sx = np.asarray(catalog["sigma_x"], float)
         sy = np.asarray(catalog["sigma_y"], float)
-    elif sigma is not None:
-        s = np.asarray(sigma, float).ravel()
-        sx, sy = np.full(n, s[0]), np.full(n, s[-1])
+    elif s is not None:
+        # (not `s[-1]`: that is a rotated PSF's angle)
+        sx, sy = np.full(n, s[0]), np.full(n, s[min(1, s.size - 1)])
     else:
         raise ValueError("catalog has no sigma_x, sigma_y columns: pass sigma")
+    if "angle" in cols:
+        angle = np.asarray(catalog["angle"], float)
+    else:  # (a rotated PSF's angle given in `sigma`, else 0)
+        angle = np.full(n, s[2] if s is not None and s.size == 3 else 0.0)
     out = {}
     for name in psf.params:
         if name == "sigma":
@@ -235,7 +241,7 @@ def _shape_columns(psf, catalog, n: int, sigma) -> dict:
         elif name == "sigma_y":
             out[name] = sy
         elif name == "angle":
-            out[name] = np.asarray(catalog["angle"], float) if "angle" in cols else np.zeros(n)
+            out[name] = angle
     return out, sx, sy
 
 
@@ -583,7 +589,8 @@ def fit_movie(
     - `drift`: fit each spot's position in every frame too (live-cell data); positions of frames
       where a spot is dark are meaningless then.
     - `catalog`: measure these spots instead of finding them (a `Catalog`, or a dict with `x`, `y`
-      and optionally `flux`, `sigma_x`, `sigma_y`; `sigma` is needed without widths).
+      and optionally `flux`, `sigma_x`, `sigma_y`, `angle`; `sigma` is needed without widths,
+      and a rotated PSF's angle is `sigma`'s third entry without an `angle` column, else 0).
     - `mask`: `(H, W)` True where a pixel counts in every frame.
     - `offset`: camera offset subtracted from every frame.
     - `max_iter`: iteration limit of each fit.

@@ -278,10 +278,12 @@ def fit_image_dask(
     meta = _empty_meta(fit_image_kwargs, shape)
     if metas:
         sigmas = [m["sigma"] for m in metas if m.get("sigma") is not None]
+        # (a given sigma as every tile's fit_image has it: an array made `or` raise)
+        given = fit_image_kwargs.get("sigma") is not None
         meta.update(
             psf=metas[0]["psf"],
             noise=metas[0]["noise"],
-            sigma=fit_image_kwargs.get("sigma") or _median_sigma(sigmas),
+            sigma=metas[0]["sigma"] if given else _median_sigma(sigmas),
             rounds=max(m["rounds"] for m in metas),
             n_regions=sum(m["n_regions"] for m in metas),
         )

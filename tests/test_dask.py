@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_movie import SIGMA, simulate_movie
+from test_movie import SIGMA, TILT, simulate_movie, simulate_tilted_movie
 
 import crowdfit
 from crowdfit._movie import fit_movie
@@ -89,6 +89,37 @@ def test_fit_image_dask_reports_spikes_once(movie):
     assert "3 pixel(s) sharper than the PSF" in messages[0]
     assert {tuple(map(int, rc)) for rc in got.meta["spikes"]} == planted
     assert got.meta["saturation"] is None and got.meta["n_saturated"] == 0
+
+
+def test_fit_image_dask_rotated_psf_on_tilted_spots():
+    # Four tiles of test_movie's tilted spots, fitted as test_elongation's rotated fit is
+    # (rounds=0, split=False; 32² windows: few programs to compile). Each tile measures the
+    # shape on its own spots; the catalog's is their median.
+    frames, xy, flux = simulate_tilted_movie()
+    image = frames[0]
+    kw = dict(psf="rotated_gaussian", rounds=0, split=False)
+    got = cdask.fit_image_dask(image, tile=64, halo=24, **kw)
+    expected = crowdfit.fit_image(image, **kw)
+    assert got.meta["tiles"] == 4 and got.meta["psf"] == "rotated_gaussian"
+    sx, sy, angle = got.meta["sigma"]
+    assert sx == pytest.approx(TILT[0], rel=0.03) and sy == pytest.approx(TILT[1], rel=0.03)
+    assert angle == pytest.approx(TILT[2], abs=0.05)
+    assert got.columns == expected.columns and got.columns[-1] == "angle"
+    assert np.allclose(got["angle"], angle, atol=0.05)  # (each tile's own measure)
+    m = crowdfit.match({"x": xy[:, 0], "y": xy[:, 1], "flux": flux[:, 0]}, got, 1.0)
+    assert m.recall >= 0.95 and m.fp <= 1
+    near_seam = (np.abs(got["x"] - 63.5) < 8) | (np.abs(got["y"] - 63.5) < 8)
+    assert near_seam.sum() >= 4
+    # The same sources as fit_image's, at the same places and fluxes.
+    assert abs(len(got) - len(expected)) <= 2
+    same = crowdfit.match(expected, got, 0.1)
+    assert same.n_matched >= len(expected) - 2
+    ratio = got["flux"][same.found_index] / expected["flux"][same.truth_index]
+    assert np.median(np.abs(ratio - 1)) < 0.005
+    # The shape given, as an array: every tile holds it (joining the tiles raised on an array).
+    held = cdask.fit_image_dask(image, tile=64, halo=24, sigma=np.array(TILT), **kw)
+    assert held.meta["sigma"] == TILT and np.allclose(held["angle"], TILT[2])
+    assert crowdfit.match({"x": xy[:, 0], "y": xy[:, 1]}, held, 1.0).recall >= 0.95
 
 
 def test_bad_input(movie):
