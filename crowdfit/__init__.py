@@ -21,6 +21,7 @@ from ._movie import fit_movie as fit_movie
 from ._noise import NoiseModel as NoiseModel
 from ._noise import get_noise as get_noise
 from ._plot import plot_catalog as plot_catalog
+from ._plot import plot_traces as plot_traces
 from ._psf import PSF as PSF
 from ._psf import PSF_NAMES as PSF_NAMES
 from ._psf import amplitude as amplitude

@@ -1,10 +1,11 @@
-"""A quick look at a fit: the image with its sources drawn over it, and the residual."""
+"""Quick looks: the image with its sources drawn over it beside the residual
+(`plot_catalog`), and a movie's intensity traces (`plot_traces`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["plot_catalog"]
+__all__ = ["plot_catalog", "plot_traces"]
 
 
 def _pyplot():
@@ -110,4 +111,69 @@ def plot_catalog(image, catalog, *, truth=None, residual=True, axes=None, percen
     for ax in axes:
         ax.set_xlim(-0.5, image.shape[1] - 0.5)
         ax.set_ylim(-0.5, image.shape[0] - 0.5)
+    return fig
+
+
+def plot_traces(traces, spots=None, *, max_spots: int = 12, ax=None, sharey: bool = False):
+    """Intensity traces, one panel per spot: flux against frame with its 1σ band.
+
+    Frames whose fit did not converge (`status` ≠ 0) are marked with an orange dot.
+
+    **Arguments:**
+
+    - `traces`: a `Traces` from `fit_movie`.
+    - `spots`: indices of the spots to show; default the `max_spots` brightest (by median flux).
+    - `max_spots`: how many spots at most by default.
+    - `ax`: matplotlib axes, one per spot shown; default a new figure (a grid).
+    - `sharey`: one flux scale for all panels.
+
+    **Returns:** the matplotlib `Figure`.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import numpy as np, crowdfit
+    >>> t = crowdfit.Traces(flux=np.ones((3, 5)), flux_err=np.full((3, 5), 0.1),
+    ...     background=np.zeros((3, 5)), status=np.zeros((3, 5), int), x=np.zeros((3, 5)),
+    ...     y=np.zeros((3, 5)), catalog=None)
+    >>> len(crowdfit.plot_traces(t, spots=[0, 2]).axes)
+    2
+    """
+    plt = _pyplot()
+    n = len(traces)
+    if spots is None:
+        order = np.argsort(-np.nanmedian(traces.flux, axis=1), kind="stable") if n else []
+        spots = np.asarray(order[:max_spots], int)
+    spots = np.atleast_1d(np.asarray(spots))
+    if spots.size == 0:
+        raise ValueError("no spots to plot")
+    if not np.issubdtype(spots.dtype, np.integer) or spots.min() < -n or spots.max() >= n:
+        raise ValueError(f"spots must be indices of the {n} spots, got {spots.tolist()}")
+    if ax is None:
+        cols = min(3, spots.size)
+        rows = -(-spots.size // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 2.4 * rows), squeeze=False,
+                                 sharex=True, sharey=sharey, constrained_layout=True)  # fmt: skip
+        axes = axes.ravel()
+        for extra in axes[spots.size :]:
+            extra.set_visible(False)
+    else:
+        axes = np.atleast_1d(ax).ravel()
+        if axes.size != spots.size:
+            raise ValueError(f"ax: expected {spots.size} axes (one per spot), got {axes.size}")
+        fig = axes[0].figure
+    frames = np.arange(traces.n_frames)
+    for a, i in zip(axes, spots, strict=False):
+        f, e = traces.flux[i], traces.flux_err[i]
+        a.fill_between(frames, f - e, f + e, color="tab:blue", alpha=0.25, lw=0)
+        a.plot(frames, f, color="tab:blue", lw=1)
+        bad = traces.status[i] != 0
+        if bad.any():
+            a.plot(frames[bad], f[bad], "o", color="tab:orange", ms=3, ls="none")
+        a.axhline(0.0, color="0.6", lw=0.6)
+        title = f"spot {int(i)}"
+        if traces.catalog is not None and len(traces.catalog) == n:
+            title += f" (x {traces.catalog['x'][i]:.1f}, y {traces.catalog['y'][i]:.1f})"
+        a.set_title(title, fontsize=9)
+    for a in axes[: spots.size]:
+        a.set_xlabel("frame")
+        a.set_ylabel("flux")
     return fig

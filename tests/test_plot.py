@@ -53,3 +53,26 @@ def test_options_and_bad_input(fitted):
         crowdfit.plot_catalog(image, cat, axes=axes[0])
     with pytest.raises(ValueError, match="expected a 2-D image"):
         crowdfit.plot_catalog(image[0], cat)
+
+
+def test_traces_are_drawn_brightest_first():
+    rng = np.random.default_rng(0)
+    flux = np.array([1.0, 5.0, 3.0])[:, None] * 100 + rng.normal(0, 5, (3, 20))
+    status = np.zeros((3, 20), int)
+    status[1, 4] = 1  # one frame of spot 1 did not converge
+    cat = crowdfit.Catalog({"x": np.array([1.0, 2.0, 3.0]), "y": np.array([4.0, 5.0, 6.0])})
+    zeros = np.zeros((3, 20))
+    t = crowdfit.Traces(flux=flux, flux_err=zeros + 5.0, background=zeros, status=status,
+                        x=zeros, y=zeros, catalog=cat)  # fmt: skip
+    fig = crowdfit.plot_traces(t, max_spots=2)
+    first, second = [a for a in fig.axes if a.get_visible()]
+    assert first.get_title() == "spot 1 (x 2.0, y 5.0)" and second.get_title().startswith("spot 2")
+    np.testing.assert_allclose(first.get_lines()[0].get_ydata(), flux[1])
+    (marked,) = [ln for ln in first.get_lines() if ln.get_marker() == "o"]
+    np.testing.assert_allclose(marked.get_xdata(), [4])  # the unconverged frame
+    plt.close(fig)
+    with pytest.raises(ValueError, match="spots must be indices of the 3 spots"):
+        crowdfit.plot_traces(t, spots=[3])
+    with pytest.raises(ValueError, match="expected 2 axes"):
+        crowdfit.plot_traces(t, spots=[0, 1], ax=plt.subplots(1, 3)[1])
+    plt.close("all")
