@@ -87,10 +87,11 @@ class Catalog:
         return pd.DataFrame(dict(self.data))
 
     def to_fits(self, path, *, overwrite: bool = False) -> None:
-        """Write the catalog as a FITS binary table (needs astropy: `pip install
-        'crowdfit[fits]'`), with the scalar `meta` entries (`psf`, `sigma`, `noise`,
-        `saturation`...) as header keywords, and the WCS (from `sky_coordinates`) when there is
-        one. Read it with `astropy.table.Table.read(path)`."""
+        """Write the catalog as a FITS binary table `CATALOG` (needs astropy: `pip install
+        'crowdfit[fits]'`). Its header holds the PSF model and shape (`SIGMA1`, `SIGMA2`,
+        `SIGMA3`: `meta["sigma"]`'s entries), the noise model and level, the counts of `meta`
+        (`_FITS_KEYS`), and the image's WCS when there is one (from `sky_coordinates`). Read it
+        with `astropy.table.Table.read(path)`."""
         try:
             from astropy.io import fits
         except ImportError:

@@ -113,6 +113,7 @@ def _fit(args) -> int:
 
 
 def _save_plot(image, cat, path) -> None:
+    """`--plot`: the image with its sources beside the residual (`plot_catalog`), saved."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +121,7 @@ def _save_plot(image, cat, path) -> None:
 
     from ._plot import plot_catalog
 
-    fig = plot_catalog(np.where(np.isfinite(image), image, np.nan), cat)
+    fig = plot_catalog(image, cat)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"plot of the image and the residual written to {path}")
