@@ -64,6 +64,22 @@ def _sigma(value: str):
     return numbers[0] if len(numbers) == 1 else numbers
 
 
+_PSF = dict(
+    default="gaussian", metavar="PSF",
+    choices=["gaussian", "integrated_gaussian", "elliptical_gaussian",
+             "integrated_elliptical_gaussian", "rotated_gaussian"],
+    help="PSF model: gaussian (default), integrated_gaussian (pixel-integrated), "
+    "elliptical_gaussian (widths along x and y), integrated_elliptical_gaussian, "
+    "rotated_gaussian (tilted ellipse: widths and angle)",
+)  # fmt: skip
+_BACKGROUND = dict(
+    default="constant", choices=["constant", "plane"],
+    help="each region's background on top of the smooth map (default constant)",
+)  # fmt: skip
+_NOISE = dict(
+    default="gaussian", choices=["gaussian", "poisson"],
+    help="noise model: gaussian (default) or poisson (counts: subtract the camera --offset)",
+)  # fmt: skip
 _SIGMA = dict(
     type=_sigma, default=None,
     help="PSF width: one number, sigma_x,sigma_y, or (--psf rotated_gaussian) "
@@ -218,10 +234,10 @@ def main(argv=None) -> int:
         help="TIFF, FITS, PNG or .npy image (FITS: a celestial WCS adds ra, dec to the catalog, "
         "and SATURATE is the saturation level unless given)",
     )
-    fit.add_argument("--psf", default="gaussian")
+    fit.add_argument("--psf", **_PSF)
     fit.add_argument("--sigma", **_SIGMA)
-    fit.add_argument("--background", default="constant", choices=["constant", "plane"])
-    fit.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson"])
+    fit.add_argument("--background", **_BACKGROUND)
+    fit.add_argument("--noise", **_NOISE)
     fit.add_argument("--threshold", type=float, default=None, help="detection threshold (σ)")
     fit.add_argument("--offset", type=float, default=0.0, help="camera offset to subtract")
     fit.add_argument(
@@ -258,10 +274,10 @@ def main(argv=None) -> int:
 
     traces = sub.add_parser("traces", help="intensity trace of every spot of a (T, H, W) movie")
     traces.add_argument("movie", help="TIFF stack, FITS cube or .npy movie (memory-mapped)")
-    traces.add_argument("--psf", default="gaussian")
+    traces.add_argument("--psf", **_PSF)
     traces.add_argument("--sigma", **_SIGMA)
-    traces.add_argument("--background", default="constant", choices=["constant", "plane"])
-    traces.add_argument("--noise", default="gaussian", choices=["gaussian", "poisson"])
+    traces.add_argument("--background", **_BACKGROUND)
+    traces.add_argument("--noise", **_NOISE)
     traces.add_argument(
         "--projection", type=_projection, default="mean",
         help="find spots on the 'mean' or 'max' of the frames, or the mean of the first N",

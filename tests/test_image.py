@@ -342,6 +342,9 @@ def test_cli_fit(tmp_path, seed_field, capsys):
     (tmp_path / "junk.npy").write_text("junk")
     assert cli_main(["fit", str(tmp_path / "junk.npy")]) == 2
     assert "not a NumPy .npy array file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # (argparse: the PSF names are choices)
+        cli_main(["fit", str(path), "--psf", "moffat"])
+    assert "invalid choice: 'moffat' (choose from 'gaussian'," in capsys.readouterr().err
 
 
 def test_width_estimate_ignores_the_blends_tail():
