@@ -38,6 +38,17 @@ def test_fits_image_is_read_in_native_byte_order(tmp_path, field):
     assert crowdfit.read_header(tmp_path / "x.npy") is None  # not FITS: no header
 
 
+def test_compressed_fits(tmp_path):
+    image = np.random.default_rng(0).normal(100, 5, (32, 40)).astype(np.float32)
+    fits.PrimaryHDU(image).writeto(tmp_path / "a.fits.gz")
+    np.testing.assert_array_equal(crowdfit.read_image(tmp_path / "a.fits.gz"), image)
+    tiled = fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(image, quantize_level=-0.01)])
+    tiled.writeto(tmp_path / "a.fits.fz")  # (quantized to 0.01: lossy by design)
+    read = crowdfit.read_image(tmp_path / "a.fits.fz", mmap=False)
+    assert read.shape == image.shape and read.dtype.isnative
+    np.testing.assert_allclose(read, image, atol=0.01)
+
+
 def test_fits_extensions_scaling_and_bad_hdus(tmp_path):
     counts = np.arange(12, dtype=np.uint16).reshape(3, 4) + 40000  # (int16 + BZERO on disk)
     table = fits.BinTableHDU.from_columns([fits.Column("a", "E", array=[1.0])])
