@@ -115,6 +115,29 @@ class Catalog:
                               unique=True)  # fmt: skip
         hdu.writeto(path, overwrite=overwrite)
 
+    @classmethod
+    def read_fits(cls, path) -> Catalog:
+        """Read a catalog written by `to_fits`: its columns, and from its header the `meta`
+        entries `to_fits` writes (`psf`, `sigma`, `noise`...; not the background image or the
+        wings, so `model_image` draws its sources as Gaussians, as for `read_csv`)."""
+        try:
+            from astropy.io import fits
+        except ImportError:
+            raise ImportError("read_fits needs astropy: pip install 'crowdfit[fits]'") from None
+        with fits.open(path) as hdul:
+            if "CATALOG" not in hdul:
+                raise ValueError(f"{path} holds no CATALOG table (written by Catalog.to_fits)")
+            table, header = hdul["CATALOG"].data, hdul["CATALOG"].header
+            data = {}
+            for name in table.columns.names:
+                col = np.asarray(table[name])
+                data[name] = col.astype(col.dtype.newbyteorder("="))
+        meta = {k: header[kw] for k, (kw, _) in _FITS_KEYS.items() if kw in header}
+        sigma = [header[f"SIGMA{i}"] for i in (1, 2, 3) if f"SIGMA{i}" in header]
+        if sigma:
+            meta["sigma"] = float(sigma[0]) if len(sigma) == 1 else tuple(map(float, sigma))
+        return cls(data, meta)
+
     def to_csv(self, path) -> None:
         """Write the catalog as CSV with a header row."""
         names = list(self.data)

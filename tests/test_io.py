@@ -134,6 +134,12 @@ def test_cli_fits_adds_sky_coordinates_reads_saturate_and_plots(tmp_path, field,
         assert table["group"].dtype.kind == "i"
         assert head["PSF"] == "gaussian" and head["SIGMA1"] == 2.0
         assert head["CTYPE1"] == "RA---TAN"
+    back = crowdfit.Catalog.read_fits(tmp_path / "cat.fits")
+    assert back.columns == cat.columns and back.meta["sigma"] == 2.0
+    assert back.meta["psf"] == "gaussian" and back["group"].dtype.kind == "i"
+    np.testing.assert_allclose(back["flux"], cat["flux"], rtol=1e-12)
+    with pytest.raises(ValueError, match="holds no CATALOG table"):
+        crowdfit.Catalog.read_fits(path)  # (the image)
     assert cli_main(["fit", str(path), "--hdu", "7"]) == 2
     assert "has no HDU 7" in capsys.readouterr().err
     assert cli_main(["fit", str(path), "--plot", str(tmp_path / "no" / "fit.png")]) == 2
