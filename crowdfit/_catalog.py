@@ -111,8 +111,7 @@ class Catalog:
                 hdu.header[keyword] = (value.item() if hasattr(value, "item") else value, comment)
         if "wcs" in self.meta:  # (the image's WCS, from `sky_coordinates`)
             header = fits.Header.fromstring(self.meta["wcs"])
-            hdu.header.extend((c for c in header.cards if c.keyword not in hdu.header),
-                              unique=True)  # fmt: skip
+            hdu.header.extend(header.cards, unique=True)  # (no keyword of the table's)
         hdu.writeto(path, overwrite=overwrite)
 
     @classmethod

@@ -60,6 +60,15 @@ def plot_catalog(image, catalog, *, truth=None, residual=True, axes=None, percen
     image = np.asarray(image, float)
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
+    x = np.asarray(catalog["x"], float)
+    y = np.asarray(catalog["y"], float)
+    cols = getattr(catalog, "columns", catalog)
+    missing = [c for c in ("sigma_x", "sigma_y") if c not in cols]
+    if missing:  # (the ellipses' sizes; `residual_image` needs them too)
+        raise ValueError(f"the catalog has no {missing} column(s): plot_catalog draws each "
+                         "source's PSF ellipse from sigma_x and sigma_y")  # fmt: skip
+    sx = np.asarray(catalog["sigma_x"], float)
+    sy = np.asarray(catalog["sigma_y"], float)
     n_panels = 2 if residual else 1
     if axes is None:
         h, w = image.shape
@@ -74,11 +83,6 @@ def plot_catalog(image, catalog, *, truth=None, residual=True, axes=None, percen
                 f"axes: expected {n_panels} axes (residual={residual}), got {len(axes)}"
             )
         fig = axes[0].figure
-    x = np.asarray(catalog["x"], float)
-    y = np.asarray(catalog["y"], float)
-    cols = getattr(catalog, "columns", catalog)
-    sx = np.asarray(catalog["sigma_x"], float) if "sigma_x" in cols else np.full(x.size, 2.0)
-    sy = np.asarray(catalog["sigma_y"], float) if "sigma_y" in cols else sx
     angle = np.degrees(np.asarray(catalog["angle"], float)) if "angle" in cols else 0 * x
 
     def sources(ax):

@@ -53,6 +53,8 @@ def test_options_and_bad_input(fitted):
         crowdfit.plot_catalog(image, cat, axes=axes[0])
     with pytest.raises(ValueError, match="expected a 2-D image"):
         crowdfit.plot_catalog(image[0], cat)
+    with pytest.raises(ValueError, match=r"no \['sigma_x', 'sigma_y'\] column"):
+        crowdfit.plot_catalog(image, {"x": cat["x"], "y": cat["y"]}, residual=False)
 
 
 def test_traces_are_drawn_brightest_first():
